@@ -1,0 +1,115 @@
+"""
+A small procedural dataset for quick experiments without any download: coloured shapes
+(ellipses, rectangles, triangles, possibly rotated) on a solid or linear-gradient
+background. Images are flat and smooth on purpose, so a small autoencoder can learn to
+reconstruct them well within minutes.
+
+    python data/shapes/prepare.py [--n-train 4000] [--n-val 200] [--size 64] [--seed 0] [--root DIR]
+
+writes root/train/00000.png ... and root/val/00000.png ... (root defaults to this folder).
+Image i of a split depends only on (seed, split, i), so train image 17 is the same
+whatever --n-train is. Importable: prepare(...) and is_prepared(root).
+"""
+import argparse
+import colorsys
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SUPERSAMPLE = 4  # draw at 4x and downsample: cheap antialiasing of every edge
+MARKER = os.path.join("train", ".complete")  # inside train/, which is gitignored
+
+
+def random_colour(rng, sat, val):
+    """An RGB tuple (0..255) with uniform hue and saturation/value drawn from the given ranges."""
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val))
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def background(rng, s):
+    """An s x s RGB array: a solid colour, or a linear gradient between two colours."""
+    # muted colours, so that the saturated shapes usually stand out against them
+    c0 = np.array(random_colour(rng, (0.0, 0.6), (0.15, 0.95)), dtype=np.float32)
+    if rng.random() < 0.5:
+        return np.broadcast_to(c0, (s, s, 3)).astype(np.uint8)
+    c1 = np.array(random_colour(rng, (0.0, 0.6), (0.15, 0.95)), dtype=np.float32)
+    theta = rng.uniform(0, 2 * np.pi)
+    xy = np.arange(s, dtype=np.float32)
+    p = xy[None, :] * np.cos(theta) + xy[:, None] * np.sin(theta)  # position along the direction
+    t = ((p - p.min()) / (p.max() - p.min()))[..., None]
+    return (c0 * (1 - t) + c1 * t + 0.5).astype(np.uint8)
+
+
+def shape_polygon(rng, s):
+    """Vertices of one random shape, in pixels of an s x s canvas."""
+    cx, cy = rng.uniform(0.15, 0.85, size=2) * s
+    r = rng.uniform(0.12, 0.3) * s  # rough radius
+    angle = rng.uniform(0, 2 * np.pi)
+    kind = rng.integers(3)
+    if kind == 0:  # ellipse (a circle when the axes happen to be close)
+        a = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+        x, y = r * np.cos(a), r * rng.uniform(0.5, 1.0) * np.sin(a)
+    elif kind == 1:  # rectangle
+        w, h = r * rng.uniform(0.6, 1.0), r * rng.uniform(0.4, 1.0)
+        x, y = np.array([-w, w, w, -w]), np.array([-h, -h, h, h])
+    else:  # triangle: corners roughly evenly spaced around the centre, so never degenerate
+        a = np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.4, 0.4, size=3)
+        rr = r * rng.uniform(0.7, 1.0, size=3)
+        x, y = rr * np.cos(a), rr * np.sin(a)
+    # rotate, then move to the centre (the ellipse/rectangle are built axis-aligned)
+    c, sn = np.cos(angle), np.sin(angle)
+    return list(zip((cx + c * x - sn * y).tolist(), (cy + sn * x + c * y).tolist()))
+
+
+def make_image(seed, split, i, size):
+    """Image i of a split; its own generator makes it independent of how many are drawn."""
+    rng = np.random.default_rng([seed, split, i])
+    s = size * SUPERSAMPLE
+    img = Image.fromarray(background(rng, s))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(1, 4)):  # 1-3 shapes, later ones on top
+        draw.polygon(shape_polygon(rng, s), fill=random_colour(rng, (0.65, 1.0), (0.7, 1.0)))
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def is_prepared(root=os.path.dirname(os.path.abspath(__file__))):
+    """True once prepare() has finished; the marker is written last, so an interrupted run reads False."""
+    return os.path.isfile(os.path.join(root, MARKER)) and os.path.isdir(os.path.join(root, "val"))
+
+
+def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val=200, size=64,
+            seed=0, quiet=False):
+    t0 = time.time()
+    # drop the marker first and start from empty folders, so that a half-written run, or
+    # images left over from an earlier larger one, can never pass for a complete dataset
+    if os.path.exists(os.path.join(root, MARKER)):
+        os.remove(os.path.join(root, MARKER))
+    for split in ("train", "val"):
+        shutil.rmtree(os.path.join(root, split), ignore_errors=True)
+    for split_id, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+        d = os.path.join(root, split)
+        os.makedirs(d)
+        digits = max(5, len(str(n - 1)))
+        for i in range(n):
+            make_image(seed, split_id, i, size).save(os.path.join(d, f"{i:0{digits}d}.png"))
+    with open(os.path.join(root, MARKER), "w") as f:
+        json.dump(dict(n_train=n_train, n_val=n_val, size=size, seed=seed), f)
+    if not quiet:
+        print(f"wrote {n_train} train + {n_val} val images of {size}x{size} to {root} "
+              f"in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", default=os.path.dirname(os.path.abspath(__file__)),
+                    help="output folder; its train/ and val/ are replaced")
+    a = ap.parse_args()
+    prepare(a.root, a.n_train, a.n_val, a.size, a.seed)

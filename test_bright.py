@@ -1,0 +1,381 @@
+"""
+Tests for the BRIGHT reference: the hash-grid lookup (reference, fast torch path, Triton
+kernels in the interpreter), the model, training, the commands and their errors, and the
+diffusion model. CPU only: `pytest` (the few end-to-end tests are marked slow and still run).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+import bright
+from bright import BRIGHT, Config, make_config
+from hashgrid_triton import GridSpec, cell_and_frac, grid_lookup, grid_lookup_fast, grid_lookup_reference
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+# ----------------------------------------------------------------------------- lookup: strategies
+
+@st.composite
+def grid_case(draw, max_points=40):
+    """A random grid spec with both dense and hashed levels possible, coords that include
+    exact 0 and 1, and float64 tables."""
+    D = draw(st.sampled_from([2, 3, 4]))
+    L = draw(st.integers(1, 5))
+    Fe = draw(st.sampled_from([1, 2, 4]))
+    G = draw(st.integers(1, 3))
+    min_res = draw(st.integers(1, 6))
+    max_res = draw(st.integers(min_res, 24))
+    t = draw(st.integers(4, 12))  # small tables: the finer levels hash
+    spec = GridSpec(D, L, Fe, t, min_res, max_res)
+    N = draw(st.integers(1, max_points))
+    seed = draw(st.integers(0, 2 ** 16))
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.rand(N, G, D, generator=gen, dtype=torch.float64)
+    # put exact 0s and 1s in some coordinates
+    edge = torch.rand(N, G, D, generator=gen) < 0.15
+    coords[edge] = torch.randint(0, 2, (int(edge.sum()),), generator=gen).double()
+    tables = torch.randn(G, spec.num_entries, Fe, generator=gen, dtype=torch.float64)
+    return spec, coords, tables
+
+
+def grads(fn, coords, tables, spec, grad_out):
+    c, t = coords.clone().requires_grad_(), tables.clone().requires_grad_()
+    y = fn(c, t, spec)
+    gc, gt = torch.autograd.grad(y, (c, t), grad_out)
+    return y.detach(), gc, gt
+
+
+# ----------------------------------------------------------------------------- lookup: GridSpec
+
+def test_gridspec_paper_sizes():
+    # BRIGHT's grid: D=3, L=16, res 16->64, T=2^18: levels 0-14 dense, level 15 hashed,
+    # 1,164,392 entries per group; the church model's 4 groups x F=4 = 18,630,272 parameters
+    spec = GridSpec(3, 16, 4, 18, 16, 64)
+    assert spec.resolutions[0] == 16 and spec.resolutions[-1] == 64
+    assert spec.dense == (True,) * 15 + (False,)
+    assert spec.num_entries == 1_164_392
+    assert all(o % 8 == 0 for o in spec.offsets)
+    assert 4 * spec.num_entries * 4 == 18_630_272
+
+
+def test_hash_matches_uint32_arithmetic():
+    # the torch hash (int64, masked) equals the uint32 XOR-of-products mod T computed by numpy
+    spec = GridSpec(4, 1, 1, 10, 100, 100)
+    c = torch.randint(0, 101, (1000, 4))
+    from hashgrid_triton import PRIMES, corner_index
+    ref = np.zeros(1000, dtype=np.uint32)
+    for d in range(4):
+        ref ^= c[:, d].numpy().astype(np.uint32) * np.uint32(PRIMES[d])
+    assert torch.equal(corner_index(c, spec, 0), torch.from_numpy((ref % 1024).astype(np.int64)))
+
+
+# ----------------------------------------------------------------------------- lookup: properties of the reference
+
+@SETTINGS
+@given(grid_case(), st.floats(-3, 3))
+def test_partition_of_unity(case, c):
+    # multilinear weights sum to 1: a level whose entries all equal c returns c everywhere
+    spec, coords, tables = case
+    tables[:] = c
+    y = grid_lookup_reference(coords, tables, spec)
+    assert torch.allclose(y, torch.full_like(y, c), atol=1e-12)
+
+
+@SETTINGS
+@given(grid_case(max_points=10), st.integers(0, 100))
+def test_continuity_across_cell_faces(case, which):
+    # put dimension d of every point exactly on a face of level l, step delta either side:
+    # the change is bounded by the Lipschitz constant (D * res_max * 2 max|entry| per unit
+    # of x), far below the O(max|entry|) jump a wrong corner or weight would produce
+    spec, coords, tables = case
+    l, d = which % spec.levels, which % spec.dim
+    r = spec.resolutions[l]
+    coords[:, :, d] = torch.randint(1, r, coords.shape[:2]).double() / r if r > 1 else 0.5
+    delta = 1e-7
+    lo, hi = coords.clone(), coords.clone()
+    lo[:, :, d] -= delta
+    hi[:, :, d] += delta
+    diff = (grid_lookup_reference(hi, tables, spec) - grid_lookup_reference(lo, tables, spec)).abs().max()
+    bound = 2 * delta * spec.dim * max(spec.resolutions) * 2 * tables.abs().max()
+    assert diff <= bound * (1 + 1e-6) + 1e-12
+
+
+@SETTINGS
+@given(grid_case())
+def test_coord_gradient_matches_finite_differences(case):
+    # central differences in float64 (h = 1e-6): exact for a function linear in x on the
+    # cell, up to rounding ~1e-10; points within 1e-4 of any cell face of any level are left
+    # out (the derivative jumps there), as are clamped coordinates (gradient 0 by definition)
+    spec, coords, tables = case
+    N, G, D = coords.shape
+    go = torch.randn(N, G, spec.levels * spec.features, dtype=torch.float64)
+    _, gc, _ = grads(grid_lookup_reference, coords, tables, spec, go)
+    h = 1e-6
+    far = (coords > 1e-3) & (coords < 1 - 1e-3)
+    for r in spec.resolutions:
+        frac = coords * r - (coords * r).floor()
+        far &= (frac > 1e-4) & (frac < 1 - 1e-4)
+    for d in range(D):
+        e = torch.zeros(D, dtype=torch.float64); e[d] = h
+        fd = ((grid_lookup_reference(coords + e, tables, spec) - grid_lookup_reference(coords - e, tables, spec))
+              * go).sum(-1) / (2 * h)
+        m = far[..., d]
+        assert torch.allclose(gc[..., d][m], fd[m], rtol=1e-6, atol=1e-6)
+    # exactly on the boundary the clamp is active: gradient 0
+    on_edge = (coords == 0) | (coords == 1)
+    assert (gc[on_edge] == 0).all()
+
+
+@SETTINGS
+@given(grid_case(), st.floats(-2, 2), st.floats(-2, 2))
+def test_linear_in_tables_and_table_gradient(case, a, b):
+    # lookup(a T1 + b T2) = a lookup(T1) + b lookup(T2); and the table gradient is the
+    # adjoint of that linear map: <dL/dT, T2> = <lookup(T2), grad_out>
+    spec, coords, t1 = case
+    t2 = torch.randn_like(t1)
+    f = lambda t: grid_lookup_reference(coords, t, spec)
+    assert torch.allclose(f(a * t1 + b * t2), a * f(t1) + b * f(t2), atol=1e-10)
+    go = torch.randn_like(f(t1))
+    _, _, gt = grads(grid_lookup_reference, coords, t1, spec, go)
+    assert torch.allclose((gt * t2).sum(), (f(t2) * go).sum(), rtol=1e-9, atol=1e-9)
+
+
+def test_lookup_exact_values_on_vertices():
+    # at a vertex, interpolation returns that vertex's entry: dense row-major index check
+    spec = GridSpec(3, 1, 2, 12, 4, 4)  # one dense level, res 4: 125 vertices
+    tables = torch.randn(1, spec.num_entries, 2, dtype=torch.float64)
+    c = torch.tensor([[1, 2, 3]])
+    y = grid_lookup_reference((c / 4).double()[:, None], tables, spec)
+    assert torch.equal(y[0, 0], tables[0, 1 + 2 * 5 + 3 * 25])
+
+
+@SETTINGS
+@given(grid_case())
+def test_fast_path_equals_reference(case):
+    # same maths, different order of floating-point operations: float64 agreement to 1e-10
+    spec, coords, tables = case
+    go = torch.randn(*coords.shape[:2], spec.levels * spec.features, dtype=torch.float64)
+    r = grads(grid_lookup_reference, coords, tables, spec, go)
+    f = grads(grid_lookup_fast, coords, tables, spec, go)
+    for a, b in zip(r, f):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_lookup_clamps_and_rejects_bad_shapes():
+    spec = GridSpec(3, 2, 2, 8, 2, 4)
+    t = torch.randn(2, spec.num_entries, 2)
+    c = torch.tensor([[[-0.5, 1.5, float("nan")]] * 2])
+    clamped = torch.tensor([[[0.0, 1.0, 0.0]] * 2])
+    assert torch.equal(grid_lookup(c, t, spec), grid_lookup(clamped, t, spec))
+    with pytest.raises(ValueError, match="do not match"):
+        grid_lookup(torch.rand(5, 3, 3), t, spec)
+    with pytest.raises(ValueError, match="unknown backend"):
+        grid_lookup(torch.rand(5, 2, 3), t, spec, backend="cuda")
+
+
+# ----------------------------------------------------------------------------- model
+
+MICRO = dict(image_size=16, z_size=4, z_channels=4, levels=3, features=2, log2_table_size=8,
+             min_res=2, max_res=8, feat_size=8, c_d=16, head_hidden=8, enc_widths=(8, 8, 16),
+             dec_widths=(16, 8), style_dim=8, batch_size=4, eval_every=1000)
+
+
+@pytest.fixture
+def micro(monkeypatch):
+    """A model small enough to train in a second, registered as the preset 'micro'."""
+    monkeypatch.setitem(bright.PRESETS, "micro", MICRO)
+    return make_config("micro")
+
+
+def test_key_codes_in_open_unit_interval(micro):
+    torch.manual_seed(0)
+    m = BRIGHT(micro)
+    z = m.encode(torch.rand(8, 3, 16, 16) * 2 - 1)
+    assert z.shape == (8, 4, 4, 4)
+    assert (z > 0).all() and (z < 1).all()
+
+
+@pytest.mark.parametrize("preset", list(bright.PRESETS))
+def test_presets_build_with_paper_shapes(preset):
+    cfg = make_config(preset)
+    with torch.device("meta"):
+        m = BRIGHT(cfg)
+        z = m.encode(torch.empty(2, 3, cfg.image_size, cfg.image_size))
+        f = m.features(z)
+        y = m.synthesize(f)
+    assert z.shape == (2, cfg.z_channels, cfg.z_size, cfg.z_size)
+    assert f.shape == (2, cfg.c_d, cfg.feat_size, cfg.feat_size)
+    assert y.shape == (2, 3, cfg.image_size, cfg.image_size)
+    assert m.tables.shape == (cfg.groups, cfg.grid.num_entries, cfg.features)
+    if preset == "church256":
+        assert m.tables.numel() == 18_630_272  # the paper's 18.6M
+    if preset == "ffhq256":
+        assert (cfg.groups, cfg.grid.dim, cfg.c_d, cfg.feat_size) == (16, 3, 512, 64)
+
+
+def test_model_cost_counts_macs_not_flops(micro):
+    # a 3x3 conv costs 9*H*W*Cin*Cout multiply-adds: check the counter's unit on one layer
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as fc:
+        torch.nn.functional.conv2d(torch.empty(1, 4, 8, 8), torch.empty(5, 4, 3, 3), padding=1)
+    assert fc.get_total_flops() / 2 == 9 * 8 * 8 * 4 * 5
+    c = bright.model_cost(make_config("church256"))
+    assert c["table_params"] == 18_630_272 and c["decoder_gmacs"] > 1
+
+
+def test_decode_rejects_codes_outside_unit_interval(micro):
+    m = BRIGHT(micro)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.decode(torch.full((1, 4, 4, 4), 1.5))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.decode(torch.full((1, 4, 4, 4), float("nan")))
+    assert m.decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 16, 16)  # the bounds themselves are fine
+
+
+def test_key_code_noise_only_when_training(micro):
+    torch.manual_seed(0)
+    m = BRIGHT(micro)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    (y1, z1), (y2, z2) = m(x, noise=False), m(x, noise=False)
+    assert torch.equal(y1, y2) and torch.equal(z1, m.encode(x))
+    _, zn = m(x, noise=True)
+    d = zn - z1
+    assert 0 < d.abs().max() and (zn >= 0).all() and (zn <= 1).all()
+    assert d.std().item() == pytest.approx(micro.noise_sigma, rel=0.3)  # sigma = 1/(4 max_res)
+
+
+def test_loss_falls_on_a_fixed_batch(micro):
+    torch.manual_seed(0)
+    m = BRIGHT(micro)
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4) * 2 - 1, size=16, mode="bilinear")  # smooth
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.0, 0.99), eps=1e-15)
+    losses = []
+    for _ in range(150):
+        y, _ = m(x)
+        loss = torch.nn.functional.mse_loss(y, x)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    # the untrained decoder outputs ~0, so the loss starts near E[x^2]; 150 steps on 4 smooth
+    # images cut it ~2.5x here (the tables start at 1e-4 and grow by ~lr per step), so 0.6x is a
+    # safe bar that a broken gradient path does not pass. The encoder must get gradient too.
+    assert losses[-1] < 0.6 * losses[0]
+    assert m.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_table_usage_hand_case(micro):
+    # all key codes 0: only the key-slice c=0 of each dense level can carry weight, so a
+    # dense level's usage is at most 1/(res+1); and some entries are used
+    m = BRIGHT(micro)
+    per_level, overall = bright.table_usage(m, torch.zeros(2, 4, 4, 4))
+    for l, u in enumerate(per_level):
+        if m.spec.dense[l]:
+            assert 0 < u <= 1 / (m.spec.resolutions[l] + 1) + 1e-12
+    # random codes use far more of the tables
+    _, overall_rand = bright.table_usage(m, torch.rand(8, 4, 4, 4))
+    assert overall_rand > 2 * overall
+
+
+# ----------------------------------------------------------------------------- data and errors
+
+def write_images(folder, n, size=20, start=0, **kw):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        Image.fromarray(rng.integers(0, 255, (size, size + 3, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+def test_loader_modes_and_split(tmp_path, capsys):
+    d = tmp_path / "imgs"
+    write_images(d / "sub", 30)  # recursive; odd-sized (20x23): centre-cropped
+    Image.new("L", (40, 30), 128).save(d / "gray.png")
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(d / "rgba.png")   # transparent: white
+    Image.new("RGB", (2, 2)).save(d / "tiny.jpg")                      # too small: skipped
+    (d / "corrupt.png").write_bytes(b"not a png")                     # skipped
+    (d / "notes.txt").write_text("ignored")
+    train, val = bright.load_dataset(str(d), 16)
+    assert train.dtype == torch.uint8 and train.shape[1:] == (3, 16, 16)
+    assert len(train) + len(val) == 32 and len(val) >= 1
+    assert "skipped 2 unusable" in capsys.readouterr().err
+    train2, val2 = bright.load_dataset(str(d), 16)
+    assert torch.equal(val, val2)  # deterministic split
+    imgs = {tuple(bright.read_image(str(d / n), 16)[:, 0, 0].tolist()) for n in ("gray.png", "rgba.png")}
+    assert imgs == {(128, 128, 128), (255, 255, 255)}
+
+
+@pytest.mark.parametrize("setup,msg", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "no images"),
+    (lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"junk")), "could be read"),
+])
+def test_loader_errors(tmp_path, setup, msg):
+    d = tmp_path / "data"
+    setup(d)
+    with pytest.raises(SystemExit, match=msg):
+        bright.load_dataset(str(d), 16)
+
+
+# ----------------------------------------------------------------------------- training and commands
+
+def run(*argv):
+    bright.main([str(a) for a in argv])
+
+
+@pytest.fixture
+def data16(tmp_path):
+    d = tmp_path / "data"
+    write_images(d / "train", 12, size=16)
+    write_images(d / "val", 4, size=16, start=50)
+    return d
+
+
+def test_train_checkpoint_and_exact_resume(micro, data16, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("train", "--preset", "micro", "--data", data16, "--out", a, "--max-iters", 6)
+    run("train", "--preset", "micro", "--data", data16, "--out", b, "--max-iters", 3)
+    run("train", "--data", data16, "--out", b, "--max-iters", 6, "--resume")
+    ca = torch.load(a / "bright.pt", weights_only=True)
+    cb = torch.load(b / "bright.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 6 and ca["config"] == cb["config"]
+    for k in ("model", "ema"):
+        for n in ca[k]:
+            assert torch.equal(ca[k][n], cb[k][n]), (k, n)
+    assert (a / "recon.png").exists() and (a / "log.csv").read_text().startswith("iteration,loss,psnr,seconds")
+    # the file alone rebuilds the model
+    m, cfg, _ = bright.load_checkpoint(str(a / "bright.pt"))
+    assert cfg == Config(**MICRO, max_iters=6) and not m.training
+
+
+def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
+    out = tmp_path / "o"
+    run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
+    ck = out / "bright.pt"
+    with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run silently
+        run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
+    with pytest.raises(SystemExit, match="another config"):
+        run("train", "--preset", "tiny", "--data", data16, "--out", out, "--resume")
+    capsys.readouterr()
+    run("eval", "--ckpt", ck, "--data", data16, "--json")
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 4 and 0 < r["table_usage"]["overall"] <= 1 and len(r["table_usage"]["per_level"]) == 3
+    assert 0 < r["key_codes"]["min"] <= r["key_codes"]["max"] < 1 and math.isfinite(r["psnr"])
+    run("reconstruct", "--ckpt", ck, "--data", data16, "--out", tmp_path / "r.png")
+    assert Image.open(tmp_path / "r.png").size[0] > 16
+    run("encode", "--ckpt", ck, "--data", data16, "--out", tmp_path / "codes.pt")
+    codes = torch.load(tmp_path / "codes.pt", weights_only=True)
+    assert codes["codes"].shape == (12, 4, 4, 4) and codes["val_codes"].shape == (4, 4, 4, 4)
+    torch.save({"kind": "something else"}, tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright checkpoint"),
+                     (tmp_path / "junk.pt", "not a readable checkpoint")]:
+        with pytest.raises(SystemExit, match=msg):
+            run("eval", "--ckpt", bad, "--data", data16)
