@@ -91,15 +91,17 @@ class Config:
     log2_table_size: int = 14       # T = 2^t entries per level at most
     min_res: int = 8
     max_res: int = 32
-    feat_size: int = 32             # H_d = W_d of the feature map f
+    feat_size: int = 16             # H_d = W_d of the feature map f
     c_d: int = 64                   # C_d channels of f
     head_hidden: int = 32           # hidden width of each group's MLP
     enc_widths: tuple = (16, 32, 64, 128)   # one per encoder resolution (len = downsamplings + 1)
-    dec_widths: tuple = (64, 32)    # one per decoder resolution, feat_size up to image_size
+    dec_widths: tuple = (64, 48, 32)  # one per decoder resolution, feat_size up to image_size
     style_dim: int = 64
     # training
     batch_size: int = 16
     lr: float = 2e-3                # the paper: Adam lr 2e-3, betas (0, 0.99), eps 1e-15
+    table_lr: float = 0.0           # 0: same as lr (the paper); > 0: a separate lr for the tables
+    beta1: float = 0.0
     ema_decay: float = 0.998
     l1_weight: float = 0.0
     gan_weight: float = 0.0         # > 0 adds a patch-GAN term (off by default)
@@ -457,6 +459,7 @@ def train(args):
         if os.path.exists(path):
             fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
         cfg = make_config(args.preset or "tiny", max_iters=args.max_iters, batch_size=args.batch_size,
+                          **json.loads(args.set or "{}"),
                           l1_weight=args.l1_weight, gan_weight=args.gan_weight, seed=args.seed)
     data = args.data or DEFAULT_DATA
     if args.data is None:
@@ -468,7 +471,9 @@ def train(args):
     model = BRIGHT(cfg).to(device)
     model.backend = args.backend
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.99), eps=1e-15)
+    nets = [p for n, p in model.named_parameters() if n != "tables"]
+    opt = torch.optim.Adam([{"params": nets}, {"params": [model.tables], "lr": cfg.table_lr or cfg.lr}],
+                           lr=cfg.lr, betas=(cfg.beta1, 0.99), eps=1e-15)
     disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc else None
     step = 0
@@ -609,7 +614,7 @@ def cmd_info(args):
               f"({sum(spec.dense)} dense + {spec.levels - sum(spec.dense)} hashed levels)")
         print(f"  tables {c['table_params']:,} params | encoder {c['encoder_params']:,} | "
               f"decoder (heads + synthesis) {c['decoder_params']:,}")
-        print(f"  per image: decoder {c['decoder_gmacs']:.2f} GMACs + lookup {c['lookup_gmacs']:.2f} GMACs = "
+        print(f"  per image: decoder {c['decoder_gmacs']:.2f} GMACs + lookup {c['lookup_gmacs']:.3f} GMACs = "
               f"{c['decoder_gmacs'] + c['lookup_gmacs']:.2f} GMACs (encoder {c['encoder_gmacs']:.2f})")
 
 
@@ -629,6 +634,7 @@ def main(argv=None):
     t.add_argument("--l1-weight", type=float)
     t.add_argument("--gan-weight", type=float, help="patch-GAN loss weight (default 0: off)")
     t.add_argument("--seed", type=int)
+    t.add_argument("--set", help='other config fields as JSON, e.g. \'{"table_lr": 0.01}\'')
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--resume", action="store_true")
     for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table usage"),
