@@ -100,8 +100,6 @@ class Config:
     # training
     batch_size: int = 16
     lr: float = 2e-3                # the paper: Adam lr 2e-3, betas (0, 0.99), eps 1e-15
-    table_lr: float = 0.0           # 0: same as lr (the paper); > 0: a separate lr for the tables
-    beta1: float = 0.0
     ema_decay: float = 0.998
     l1_weight: float = 0.0
     gan_weight: float = 0.0         # > 0 adds a patch-GAN term (off by default)
@@ -155,7 +153,13 @@ PRESETS = {
 def make_config(preset="tiny", **overrides):
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    unknown = set(overrides) - {f.name for f in fields(Config)}
+    if unknown:
+        fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    try:
+        return Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as e:
+        fail(f"inconsistent config: {e}")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -458,8 +462,12 @@ def train(args):
     else:
         if os.path.exists(path):
             fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
+        try:
+            extra = json.loads(args.set or "{}")
+        except json.JSONDecodeError as e:
+            fail(f"--set is not valid JSON ({e})")
         cfg = make_config(args.preset or "tiny", max_iters=args.max_iters, batch_size=args.batch_size,
-                          **json.loads(args.set or "{}"),
+                          **extra,
                           l1_weight=args.l1_weight, gan_weight=args.gan_weight, seed=args.seed)
     data = args.data or DEFAULT_DATA
     if args.data is None:
@@ -471,9 +479,7 @@ def train(args):
     model = BRIGHT(cfg).to(device)
     model.backend = args.backend
     ema = copy.deepcopy(model).requires_grad_(False)
-    nets = [p for n, p in model.named_parameters() if n != "tables"]
-    opt = torch.optim.Adam([{"params": nets}, {"params": [model.tables], "lr": cfg.table_lr or cfg.lr}],
-                           lr=cfg.lr, betas=(cfg.beta1, 0.99), eps=1e-15)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.99), eps=1e-15)
     disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc else None
     step = 0
@@ -634,7 +640,7 @@ def main(argv=None):
     t.add_argument("--l1-weight", type=float)
     t.add_argument("--gan-weight", type=float, help="patch-GAN loss weight (default 0: off)")
     t.add_argument("--seed", type=int)
-    t.add_argument("--set", help='other config fields as JSON, e.g. \'{"table_lr": 0.01}\'')
+    t.add_argument("--set", help='other config fields as JSON, e.g. \'{"lr": 0.001}\'')
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--resume", action="store_true")
     for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table usage"),

@@ -505,9 +505,10 @@ def _benchmark():
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     global LEVELS_INNER, COORD_GRAD_ATOMIC, BLOCK_POINTS
 
-    # (name, images, pixels per side, groups, spec); 'tiny' is like the tiny training preset,
-    # 'paper' is BRIGHT's grid: D = 3, L = 16, F = 4, T = 2^18, res 16 -> 64, 16 groups
-    configs = [("tiny", 16, 32, 8, GridSpec(3, 8, 2, 14, 8, 32)),
+    # (name, images, pixels per side, groups, spec); 'tiny' is the tiny training preset's batch
+    # (16 images, a 16x16 feature map, 8 groups), 'paper' is BRIGHT's grid: D = 3, L = 16,
+    # F = 4, T = 2^18, res 16 -> 64, 16 groups, a 64x64 feature map
+    configs = [("tiny", 16, 16, 8, GridSpec(3, 8, 2, 14, 8, 32)),
                ("paper", 16, 64, 16, GridSpec(3, 16, 4, 18, 16, 64))]
     if cuda:
         name = torch.cuda.get_device_name()
