@@ -395,16 +395,17 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def read_checkpoint(path, kind):
+def read_checkpoint(path, kind, hint="train one first"):
+    """torch.load(weights_only=True) of a dict whose "kind" must be `kind`, or one error line"""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path!r} not found (train one first)")
+        fail(f"{path!r} not found ({hint})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path!r} is not a readable checkpoint ({str(e).splitlines()[0][:100]})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        fail(f"{path!r} is not a {kind} checkpoint (kind: {got})")
+    got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if got != kind:
+        fail(f"{path!r} is not a {kind} file (kind: {got})")
     return ckpt
 
 

@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import bright
+import diffusion
 from bright import BRIGHT, Config, make_config
 import hashgrid_triton as hg
 from hashgrid_triton import GridSpec, cell_and_frac, grid_lookup, grid_lookup_fast, grid_lookup_reference
@@ -379,7 +380,7 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     assert codes["codes"].shape == (12, 4, 4, 4) and codes["val_codes"].shape == (4, 4, 4, 4)
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright checkpoint"),
+    for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright file"),
                      (tmp_path / "junk.pt", "not a readable checkpoint")]:
         with pytest.raises(SystemExit, match=msg):
             run("eval", "--ckpt", bad, "--data", data16)
@@ -692,3 +693,305 @@ def test_training_with_triton_backend_matches_torch(micro, data16, tmp_path, cap
         losses[backend] = [float(l.split("loss")[1].split()[0]) for l in lines]
     assert len(losses["torch"]) == 3
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- diffusion over key codes
+
+T = 1000
+
+
+def small_unet(seed=0, **kw):
+    """A small UNet whose output layer is re-initialised at random: a fresh UNet outputs exact
+    zeros (zero-init last conv), which would make any sampler test trivially deterministic."""
+    torch.manual_seed(seed)
+    cfg = diffusion.make_config("tiny", **{"width": 32, "num_res_blocks": 1, **kw})
+    m = diffusion.UNet(cfg)
+    torch.nn.init.normal_(m.out[-1].weight, std=0.05)
+    return m.eval(), cfg
+
+
+# ----------------------------------------------------------------------------- schedule, forward process
+
+def test_cosine_schedule():
+    d = diffusion.Diffusion(T)
+    a = d.abar64
+    assert a.shape == (T + 1,) and a[0] == 1
+    assert (a[1:] > 0).all() and (a[1:] < 1).all() and (a[1:] < a[:-1]).all()  # strictly decreasing in (0, 1)
+    # the ends: t = 1 is nearly clean, t = T nearly pure noise (beta clipped at 0.999)
+    assert a[1] > 0.9999 and a[T] < 1e-6
+    beta = 1 - a[1:] / a[:-1]
+    assert beta.max() <= 0.999 + 1e-12
+    # away from the clipped end it is Nichol & Dhariwal's f(t) / f(0)
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    for t in (1, 250, 500, 900):
+        assert a[t].item() == pytest.approx(f(t) / f(0), rel=1e-9)
+
+
+def test_q_sample_matches_closed_form():
+    """DDPM eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), checked on 40,000 draws.
+    Tolerance: 5 standard errors of the estimates (mean: sigma/sqrt(n) <= 0.005; std:
+    sigma/sqrt(2n) <= 0.0036), so a correct implementation fails with probability ~1e-6."""
+    d, n = diffusion.Diffusion(T), 40_000
+    torch.manual_seed(0)
+    x0 = torch.linspace(-1, 1, 8).reshape(1, 2, 2, 2)
+    for t in (1, 300, 700, T):
+        xt = d.q_sample(x0.expand(n, -1, -1, -1), torch.full((n,), t), torch.randn(n, 2, 2, 2))
+        a = d.abar64[t].item()
+        assert torch.allclose(xt.mean(0), math.sqrt(a) * x0[0], atol=0.025)
+        assert torch.allclose(xt.std(0), torch.full_like(x0[0], math.sqrt(1 - a)), atol=0.018)
+
+
+def test_min_snr_weighting():
+    """With a model that predicts 0, each sample's error is mean(eps^2); the loss must weight it
+    by min(SNR_t, 5) / SNR_t: 1 where SNR <= 5 (noisy t), 5 / SNR_t where the step is nearly clean."""
+    d = diffusion.Diffusion(T)
+    eps = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t: torch.zeros_like(x)
+    for t in (1, 10, 200, 600, T):
+        a = d.abar64[t].item()
+        snr = a / (1 - a)
+        got = d.loss(zero, torch.zeros(3, 2, 4, 4), 5.0, torch.full((3,), t), eps).item()
+        want = min(snr, 5.0) / snr * eps.square().mean().item()
+        assert got == pytest.approx(want, rel=1e-4), t
+    snr_1 = d.abar64[1] / (1 - d.abar64[1])
+    assert 5.0 / snr_1 < 1e-3                                     # so t = 1 counts < 1/1000 of a noisy step
+
+
+# ----------------------------------------------------------------------------- samplers
+
+def test_ddim_timesteps_cover_both_ends():
+    d = diffusion.Diffusion(T)
+    for steps in (1, 2, 10, 50, 999, T):
+        ts = d.ddim_timesteps(steps)
+        assert ts[0] == T and len(ts) == steps and all(a > b for a, b in zip(ts, ts[1:]))
+        assert steps == 1 or ts[-1] == 1
+    with pytest.raises(SystemExit, match="^error: --steps"):
+        d.ddim_timesteps(T + 1)
+
+
+def test_ddim_eta0_is_deterministic_for_a_seed():
+    m, cfg = small_unet()
+    d, shape = diffusion.Diffusion(T), (3, cfg.z_channels, 8, 8)
+    run = lambda seed, eta=0.0: d.ddim_sample(m, shape, "cpu", 10, eta, torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # eta = 1 draws fresh noise at every step: a different result from the same x_T
+    assert not torch.allclose(run(0, 1.0), a)
+
+
+def oracle(d, x0):
+    """eps_theta that returns the noise actually in x_t: eq. 4 solved for eps, given the true x0"""
+    def f(x, t):
+        a = d.abar64[t].view(-1, 1, 1, 1).float()
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return f
+
+
+@pytest.mark.parametrize("sampler", ["ddim10", "ddim50", "ddpm"])
+def test_samplers_recover_x0_with_the_true_noise(sampler):
+    """With the oracle every x0_hat equals x0, so DDIM's last step (abar_0 = 1) and DDPM's last
+    posterior mean (beta_1 = 1 - abar_1) both return x0. Tolerance 1e-4: float32 rounding, which
+    the division by sqrt(abar_T) ~ 3e-5 at the first step amplifies, then the clip and later steps shrink."""
+    d = diffusion.Diffusion(T)
+    x0 = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 1.8 - 0.9
+    g = torch.Generator().manual_seed(2)
+    if sampler == "ddpm":
+        x = d.ddpm_sample(oracle(d, x0), x0.shape, "cpu", g)
+    else:
+        x = d.ddim_sample(oracle(d, x0), x0.shape, "cpu", int(sampler[4:]), 0.0, g)
+    assert (x - x0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samplers_reproduce_gaussian_data(sampler):
+    """Data x0 ~ N(mu, s^2) per element: the optimal eps-prediction is known in closed form,
+    eps* = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar), so the samplers alone decide
+    whether the samples have the data's mean and spread. 16,384 values: the standard error of the
+    mean is s/128 = 0.0016 (tolerance 0.01, 6 SE), of the std 0.55% (tolerance 3%, 5 SE). DDIM runs
+    all 1000 steps here: with few steps it under-disperses (std 0.188 at 50 steps, 0.139 at 10),
+    a discretisation error of the method, not of the code."""
+    mu, s, d = 0.3, 0.2, diffusion.Diffusion(T)
+
+    def eps_star(x, t):
+        a = d.abar64[t].view(-1, 1, 1, 1).float()
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s * s + 1 - a)
+    g = torch.Generator().manual_seed(0)
+    shape = (1024, 1, 4, 4)
+    x = d.ddpm_sample(eps_star, shape, "cpu", g) if sampler == "ddpm" else d.ddim_sample(eps_star, shape, "cpu", T, 0.0, g)
+    assert abs(x.mean().item() - mu) < 0.01
+    assert x.std().item() == pytest.approx(s, rel=0.03)
+
+
+# ----------------------------------------------------------------------------- the UNet
+
+@pytest.mark.parametrize("z_size,mults", [(4, (1, 2)), (8, (1, 2)), (8, (1, 2, 2)), (16, (1, 2, 2, 4)), (6, (1, 2))])
+def test_unet_any_size_divisible_by_its_downsampling(z_size, mults):
+    m, cfg = small_unet(z_size=z_size, z_channels=3, mults=mults, attn_lowest=2)
+    x = torch.randn(2, 3, z_size, z_size)
+    assert m(x, torch.tensor([1, T])).shape == x.shape
+    assert not any("abar" in k or "alpha" in k for k in m.state_dict())  # the schedule is not a weight
+
+
+def test_unet_rejects_codes_it_cannot_halve():
+    with pytest.raises(SystemExit, match=r"^error: key codes of size 6 cannot be halved 2 times"):
+        diffusion.make_config("tiny", z_size=6, mults=(1, 2, 2))
+
+
+def test_presets():
+    big = diffusion.make_config("bright16")
+    assert (big.width, big.mults, big.attn_lowest, big.z_size, big.z_channels) == (128, (1, 2, 2, 4), 2, 16, 16)
+    assert big.timesteps == 1000 and big.min_snr_gamma == 5.0
+    with pytest.raises(SystemExit, match="^error: unknown preset"):
+        diffusion.make_config("huge")
+
+
+def test_unet_overfits_a_handful_of_codes():
+    """Four fixed 8x8x8 codes, 150 Adam steps. The loss is measured on a fixed set of (code, t,
+    noise) triples before and after; it must fall 8x (it falls ~18x here). Predictions blind to
+    the codes get ~3x at best (eps_hat = x_t: 0.87 -> 0.27; the Gaussian-optimal one given the
+    codes' mean and variance: 0.27), so 8x needs the UNet to have learnt the codes."""
+    torch.manual_seed(0)
+    cfg = diffusion.make_config("tiny", width=32, num_res_blocks=1)
+    m, d = diffusion.UNet(cfg), diffusion.Diffusion(T)
+    x0 = torch.rand(4, 8, 8, 8).round() * 1.2 - 0.6 + 0.2 * torch.rand(4, 8, 8, 8)    # codes in [-0.6, 0.8]
+    g = torch.Generator().manual_seed(1)
+    xe = x0.repeat(16, 1, 1, 1)
+    te = torch.randint(1, T + 1, (64,), generator=g)
+    ee = torch.randn(xe.shape, generator=g)
+    evaluate = lambda: d.loss(m, xe, 5.0, te, ee).item()
+    before = evaluate()
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    for _ in range(150):
+        loss = d.loss(m, x0.repeat(8, 1, 1, 1))
+        opt.zero_grad(); loss.backward(); opt.step()
+    after = evaluate()
+    assert after < before / 8, (before, after)
+
+
+# ----------------------------------------------------------------------------- end to end, with a real tiny BRIGHT
+
+def bright_run(*argv):
+    bright.main([str(a) for a in argv] + ["--device", "cpu"])
+
+
+def diff_run(*argv):
+    """the command line, on the CPU (deterministic, and tensors comparable with the CPU models here)"""
+    diffusion.main([str(a) for a in argv] + ["--device", "cpu"])
+
+
+def write_shapes(folder, n, size=64, start=0):
+    """n images: a coloured rectangle on a coloured background"""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        im = np.broadcast_to(rng.integers(0, 255, 3, dtype=np.uint8), (size, size, 3)).copy()
+        x, y = rng.integers(0, size // 2, 2)
+        im[y:y + size // 3, x:x + size // 3] = rng.integers(0, 255, 3)
+        Image.fromarray(im).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 12 + 4 image folder and two BRIGHT checkpoints of one training step: the tiny preset
+    (8x8x8 key codes) and one with 4-channel codes, for the shape-mismatch errors."""
+    root = tmp_path_factory.mktemp("diff")
+    data = root / "data"
+    write_shapes(data / "train", 12)
+    write_shapes(data / "val", 4, start=50)
+    bright_run("train", "--data", data, "--out", root / "b8", "--max-iters", 1, "--log-every", 1)
+    bright_run("train", "--data", data, "--out", root / "b4", "--max-iters", 1, "--log-every", 1,
+               "--set", '{"z_channels": 4}')
+    return root, data, root / "b8" / "bright.pt", root / "b4" / "bright.pt"
+
+
+def train_args(world, out, iters, *more):
+    root, data, b8, _ = world
+    return ["train", "--bright-ckpt", b8, "--data", data, "--out", out, "--max-iters", iters,
+            "--batch-size", 4, "--log-every", 1, *more]
+
+
+def test_train_sample_decode(world, tmp_path, capsys):
+    root, data, b8, _ = world
+    diff_run(*train_args(world, tmp_path, 2))
+    out = capsys.readouterr().out
+    assert "iter      2/2 | loss" in out and "it/s" in out and "eta" in out and "done: step 2" in out
+    diff_run("sample", "--ckpt", tmp_path / "ddpm.pt", "--n", 5, "--steps", 3, "--out", tmp_path / "s.png", "--save-codes")
+    assert Image.open(tmp_path / "s.png").size == (3 * 66 + 2, 2 * 66 + 2)     # 5 images of 64^2, 3 a row
+    codes = torch.load(tmp_path / "s.pt", weights_only=True)["codes"]
+    assert codes.shape == (5, 8, 8, 8) and codes.min() >= 0 and codes.max() <= 1
+    # the same through the functions: images of the BRIGHT model's size, in [0, 1]
+    model, cfg, _ = diffusion.load_ddpm(str(tmp_path / "ddpm.pt"), "cpu")
+    b, _, _ = bright.load_checkpoint(str(b8))
+    z = diffusion.generate(model, cfg, 3, "cpu", "ddim", steps=4, seed=0)
+    img = diffusion.decode_all(b, z, "cpu")
+    assert img.shape == (3, 3, 64, 64) and img.min() >= 0 and img.max() <= 1
+    diff_run("neighbors", "--ckpt", tmp_path / "ddpm.pt", "--n", 2, "--k", 2, "--n-stats", 4, "--steps", 2,
+             "--out", tmp_path / "nb.png")
+    out = capsys.readouterr().out
+    assert Image.open(tmp_path / "nb.png").size == (6 * 66 + 2, 2 * 66 + 2)    # sample, 2 + blank + 2 a row
+    assert "held-out" in out and "memorisation" in out
+
+
+def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    diff_run(*train_args(world, a, 4))
+    diff_run(*train_args(world, b, 2))
+    diff_run(*train_args(world, b, 4, "--resume"))
+    ca, cb = (torch.load(p / "ddpm.pt", weights_only=True) for p in (a, b))
+    assert set(ca) == {"kind", "model", "ema", "optimizer", "step", "config", "bright_ckpt", "bright_config", "data"}
+    assert ca["kind"] == "ddpm" and ca["step"] == cb["step"] == 4 and ca["config"] == cb["config"]
+    assert ca["bright_ckpt"] == str(world[2]) and ca["bright_config"]["z_channels"] == 8
+    for k in ("model", "ema"):                        # batches, t and noise depend on the step alone
+        for n in ca[k]:
+            assert torch.allclose(ca[k][n], cb[k][n], atol=1e-6), (k, n)
+    m, cfg, _ = diffusion.load_ddpm(str(a / "ddpm.pt"), "cpu")
+    assert cfg == diffusion.DiffusionConfig(**ca["config"]) and not m.training
+    assert all(torch.equal(v, ca["ema"][k]) for k, v in m.state_dict().items())
+    with pytest.raises(SystemExit, match="^error: .*exists: pass --resume"):
+        diff_run(*train_args(world, a, 4))
+
+
+def test_train_from_a_codes_file(world, tmp_path):
+    root, data, b8, _ = world
+    bright_run("encode", "--ckpt", b8, "--data", data, "--out", tmp_path / "codes.pt")
+    diff_run("train", "--codes", tmp_path / "codes.pt", "--out", tmp_path, "--max-iters", 1, "--batch-size", 2)
+    c = torch.load(tmp_path / "ddpm.pt", weights_only=True)
+    assert c["bright_ckpt"] == str(b8) and (c["config"]["z_channels"], c["config"]["z_size"]) == (8, 8)
+
+
+def test_bad_inputs(world, tmp_path):
+    root, data, b8, b4 = world
+    ok = tmp_path / "ok"
+    diff_run(*train_args(world, ok, 1))
+
+    def codes_file(name, codes, kind="bright-codes"):
+        torch.save({"kind": kind, "codes": codes, "val_codes": codes, "bright_ckpt": str(b8), "config": {}}, tmp_path / name)
+        return tmp_path / name
+    cases = [
+        (["train", "--bright-ckpt", tmp_path / "missing.pt", "--out", tmp_path / "x"], "not found"),
+        (["train", "--bright-ckpt", ok / "ddpm.pt", "--data", data, "--out", tmp_path / "x"], "not a bright file"),
+        (["train", "--codes", codes_file("empty.pt", torch.zeros(0, 8, 8, 8)), "--out", tmp_path / "x"], "holds no key codes"),
+        (["train", "--codes", codes_file("kind.pt", torch.rand(4, 8, 8, 8), "ddpm"), "--out", tmp_path / "x"], "not a bright-codes file"),
+        (["train", "--codes", codes_file("range.pt", torch.rand(4, 8, 8, 8) * 3), "--out", tmp_path / "x"], r"must lie in \[0, 1\]"),
+        (["train", "--codes", codes_file("odd.pt", torch.rand(4, 8, 5, 5)), "--out", tmp_path / "x"], "cannot be halved"),
+        (["train", "--codes", codes_file("c4.pt", torch.rand(4, 4, 8, 8)), "--out", ok, "--resume"],
+         r"key codes are \(4, 8, 8\) .* expects \(8, 8, 8\)"),
+        (["train", "--bright-ckpt", b4, "--data", data, "--out", ok, "--resume"], r"expects \(8, 8, 8\)"),
+        (["train", "--codes", tmp_path / "range.pt", "--data", data], "not both"),
+        (["sample", "--ckpt", tmp_path / "missing.pt"], "not found"),
+        (["sample", "--ckpt", b8], "not a ddpm file"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--bright-ckpt", b4, "--out", tmp_path / "s.png"], "makes 4x8x8 key codes"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--steps", 0, "--out", tmp_path / "s.png"], "--steps must be"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit, match="^error: .*" + msg):
+            diff_run(*argv)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    """Through the real entry point: exit status 1 and a single 'error: ...' line, no traceback."""
+    r = subprocess.run([sys.executable, "diffusion.py", "sample", "--ckpt", str(tmp_path / "none.pt")],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(diffusion.__file__)))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'none.pt')!r} not found "
+                                                                   "(train one first: python diffusion.py train)"]

@@ -1,0 +1,545 @@
+"""
+Latent diffusion over BRIGHT key codes: a DDPM whose data are the key codes z (C_z, H_z, W_z)
+that a trained BRIGHT encoder gives the training images; samples are decoded back to images by
+the BRIGHT decoder. One file: the schedule and samplers, building blocks, the config, the UNet,
+the commands and the command line.
+
+    python diffusion.py train [--bright-ckpt out/bright.pt] [--data DIR | --codes codes.pt] [--out out]
+    python diffusion.py sample [--ckpt out/ddpm.pt] [--n 64] [--steps 50] [--sampler ddim|ddpm]
+    python diffusion.py neighbors [--ckpt out/ddpm.pt] [--n 16]
+
+Equation numbers: DDPM = Ho, Jain & Abbeel 2020 (arXiv 2006.11239); DDIM = Song, Meng & Ermon
+2021 (arXiv 2010.02502); the cosine schedule is Nichol & Dhariwal 2021 (arXiv 2102.09672);
+min-SNR-gamma weighting is Hang et al. 2023 (arXiv 2303.09556).
+"""
+import argparse
+import copy
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, ema_update, fail, load_checkpoint,
+                    load_dataset, pick_device, read_checkpoint, save_grid, to_float)
+
+DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
+
+
+# ----------------------------------------------------------------------------- schedule and samplers
+
+def cosine_alpha_bar(T, s=0.008):
+    """-> alpha_bar (T+1,) float64 with alpha_bar[0] = 1, so that index t is the paper's t = 1..T.
+    Nichol & Dhariwal eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2);
+    beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped to 0.999 (else beta_T = 1), alpha_bar rebuilt."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - beta, 0)])
+
+
+class Diffusion:
+    """The fixed part: the schedule and the processes built on it. A plain object, not an
+    nn.Module, so its constants are neither EMA-averaged nor saved: they follow from T."""
+
+    def __init__(self, T=1000, device="cpu"):
+        self.T = T
+        a = self.abar64 = cosine_alpha_bar(T)                   # (T+1,) float64, for the samplers
+        # float32 tables for training batches, computed in float64: 1 - abar_1 ~ 4e-5 would keep
+        # only ~3 digits if taken in float32
+        self.sqrt_a, self.sqrt_1ma = a.sqrt().float().to(device), (1 - a).sqrt().float().to(device)
+        self.snr = (a / (1 - a)).float().to(device)            # signal-to-noise ratio (inf at t = 0)
+
+    def q_sample(self, x0, t, eps):
+        """DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.  x0, eps (B, C, H, W), t (B,)"""
+        return self.sqrt_a[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1ma[t].view(-1, 1, 1, 1) * eps
+
+    def loss(self, model, x0, gamma=5.0, t=None, eps=None):
+        """DDPM eq. 14, the 'simple' loss (t ~ U{1..T}, eps ~ N(0, I), MSE of the predicted eps),
+        each sample weighted by min-SNR-gamma: w_t = min(SNR_t, gamma) / SNR_t. It caps the weight
+        of the nearly clean, easy steps, which would otherwise dominate the gradient."""
+        t = torch.randint(1, self.T + 1, (len(x0),), device=x0.device) if t is None else t
+        eps = torch.randn_like(x0) if eps is None else eps
+        err = (model(self.q_sample(x0, t, eps), t) - eps).square().mean((1, 2, 3))  # (B,)
+        return (self.snr[t].clamp(max=gamma) / self.snr[t] * err).mean()
+
+    def predict(self, model, x, t):
+        """-> (x0_hat clipped to [-1, 1], the eps consistent with it). x0_hat is eq. 4 solved for
+        x_0 (DDIM eq. 9); eps is recomputed from the clipped x0_hat so that the step moves to it."""
+        a = self.abar64[t].item()
+        eps = model(x, torch.full((len(x),), t, device=x.device))
+        x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+    @torch.no_grad()
+    def ddpm_sample(self, model, shape, device, generator=None):
+        """Ancestral sampling over all T steps (DDPM Algorithm 2) through the posterior
+        q(x_{t-1} | x_t, x0_hat) of eq. 6-7, so that x0_hat can be clipped:
+        mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
+        variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; no noise on the last step."""
+        x = torch.randn(shape, device=device, generator=generator)         # x_T ~ N(0, I)
+        for t in range(self.T, 0, -1):
+            a, a_prev = self.abar64[t].item(), self.abar64[t - 1].item()
+            beta = 1 - a / a_prev
+            x0, _ = self.predict(model, x, t)
+            x = math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x
+            if t > 1:
+                x = x + math.sqrt((1 - a_prev) / (1 - a) * beta) * torch.randn(shape, device=device, generator=generator)
+        return x
+
+    def ddim_timesteps(self, steps):
+        """`steps` timesteps from T down to 1, evenly spaced: both ends included, so sampling
+        starts from pure noise at t = T and its last step lands on x_0"""
+        if not 1 <= steps <= self.T:
+            fail(f"--steps must be in 1..{self.T}, got {steps}")
+        return torch.linspace(self.T, 1, steps).round().long().unique_consecutive().tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, device, steps=50, eta=0.0, generator=None):
+        """DDIM eq. 12 from t to the next timestep s of the sub-sequence (s = 0 last):
+        x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z, and eq. 16:
+        sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
+        eta = 0: deterministic given x_T; eta = 1: DDPM's ancestral noise."""
+        x = torch.randn(shape, device=device, generator=generator)
+        ts = self.ddim_timesteps(steps)
+        for t, s in zip(ts, ts[1:] + [0]):
+            a, a_s = self.abar64[t].item(), self.abar64[s].item()
+            x0, eps = self.predict(model, x, t)
+            sigma = eta * math.sqrt((1 - a_s) / (1 - a) * (1 - a / a_s))
+            x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma ** 2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn(shape, device=device, generator=generator)
+        return x
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def norm(c):
+    """GroupNorm: 32 groups from width 128 up as in DDPM, but at least 4 channels a group (32
+    groups at width 32 would normalise every channel on its own)"""
+    g = min(32, c // 4)
+    return nn.GroupNorm(g if g and c % g == 0 else 1, c)
+
+
+def timestep_embedding(t, dim):
+    """t (B,) -> (B, dim): the Transformer's sinusoidal position encoding, used for t by DDPM"""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t.float()[:, None] * freqs[None]                                 # (B, dim/2)
+    return torch.cat([args.sin(), args.cos()], 1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual; the output projection starts
+    at zero so that a fresh block is the identity"""
+
+    def __init__(self, c, head_dim=32):
+        super().__init__()
+        self.heads = max(1, c // head_dim)
+        self.norm, self.qkv, self.out = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                           # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)                         # (B, heads, HW, C/heads)
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """DDPM's residual block: GroupNorm, SiLU, 3x3 conv, + the projected time embedding,
+    GroupNorm, SiLU, dropout, 3x3 conv (zero-init), then self-attention where asked"""
+
+    def __init__(self, cin, cout, tdim, dropout=0.0, attn=False):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout)
+        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.attn = Attention(cout) if attn else nn.Identity()
+
+    def forward(self, x, temb):                                             # x (B, cin, H, W), temb (B, tdim)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.attn(self.skip(x) + h)                                  # (B, cout, H, W)
+
+
+def downsample(c):
+    return nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+
+def upsample(c):
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class DiffusionConfig:
+    z_channels: int = 8            # C_z and H_z = W_z of the key codes (train sets them from the codes)
+    z_size: int = 8
+    width: int = 48                # UNet channels at the first resolution
+    mults: tuple = (1, 2)          # channels = width * mult per resolution, each half the last
+    num_res_blocks: int = 1        # per resolution on the way down (one more on the way up)
+    attn_lowest: int = 1           # self-attention at this many of the lowest resolutions
+    dropout: float = 0.0
+    timesteps: int = 1000          # T
+    min_snr_gamma: float = 5.0
+    # training
+    batch_size: int = 32
+    lr: float = 1e-3               # linear warm-up, then cosine decay to lr / 10 at max_iters
+    warmup: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    max_iters: int = 6000
+    save_every: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        self.mults = tuple(self.mults)
+        if self.z_size % 2 ** (len(self.mults) - 1):
+            raise ValueError(f"key codes of size {self.z_size} cannot be halved {len(self.mults) - 1} times "
+                             f"(UNet mults {self.mults}): H_z must be a multiple of {2 ** (len(self.mults) - 1)}")
+        if not 0 <= self.attn_lowest <= len(self.mults):
+            raise ValueError(f"attn_lowest must be in 0..{len(self.mults)}")
+
+
+PRESETS = {
+    # 8x8x8 key codes of the shapes data (BRIGHT's tiny preset), on 2 CPU cores in ~10 minutes
+    "tiny": {},
+    # BRIGHT's diffusion model, for 16x16x16 key codes on a GPU: width 128, mults (1, 2, 2, 4),
+    # attention at the two lowest resolutions, lr 1e-4
+    "bright16": dict(z_channels=16, z_size=16, width=128, mults=(1, 2, 2, 4), num_res_blocks=2, attn_lowest=2,
+                     dropout=0.1, batch_size=128, lr=1e-4, warmup=1000, ema_decay=0.9999, max_iters=300_000,
+                     save_every=5000),
+}
+
+
+def make_config(preset="tiny", **overrides):
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    try:
+        return DiffusionConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as e:
+        fail(str(e))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): noisy codes (B, C_z, H_z, W_z) and t (B,) in 1..T -> predicted noise,
+    same shape. The DDPM UNet: the resolution halves len(mults) - 1 times; every activation on
+    the way down is concatenated back in on the way up."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        w, L, tdim = cfg.width, len(cfg.mults), 4 * cfg.width
+        attn = lambda level: level >= L - cfg.attn_lowest
+        self.width = w
+        self.time = nn.Sequential(nn.Linear(w, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.inp = nn.Conv2d(cfg.z_channels, w, 3, padding=1)
+        self.down, skips, c = nn.ModuleList(), [w], w
+        for i, m in enumerate(cfg.mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(ResBlock(c, w * m, tdim, cfg.dropout, attn(i)))
+                c = w * m
+                skips.append(c)
+            if i < L - 1:
+                self.down.append(downsample(c))
+                skips.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, tdim, cfg.dropout, attn=True), ResBlock(c, c, tdim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(cfg.mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), w * m, tdim, cfg.dropout, attn(i)))
+                c = w * m
+            if i > 0:
+                self.up.append(upsample(c))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, cfg.z_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight); nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t):
+        temb = self.time(timestep_embedding(t, self.width))                 # (B, 4 width)
+        h = self.inp(x)                                                     # (B, width, H_z, W_z)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for layer in self.mid:                                              # (B, width * mults[-1], H_z / 2^(L-1), ..)
+            h = layer(h, temb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], 1), temb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)                                                  # (B, C_z, H_z, W_z)
+
+
+# ----------------------------------------------------------------------------- files
+
+def check_codes(z, what, cfg=None):
+    """z must be key codes (N, C_z, H_z, H_z) in [0, 1], N > 0, of the shape the UNet was built for"""
+    if not isinstance(z, torch.Tensor) or z.dim() != 4 or not z.is_floating_point():
+        fail(f"{what}: expected key codes (N, C_z, H_z, W_z), got {getattr(z, 'shape', type(z).__name__)}")
+    if len(z) == 0:
+        fail(f"{what} holds no key codes")
+    if z.shape[2] != z.shape[3]:
+        fail(f"{what}: key codes must be square, got {z.shape[2]}x{z.shape[3]}")
+    if z.isnan().any() or z.min() < 0 or z.max() > 1:
+        fail(f"{what}: key codes must lie in [0, 1], got [{z.min():.3g}, {z.max():.3g}]")
+    if cfg and tuple(z.shape[1:]) != (cfg.z_channels, cfg.z_size, cfg.z_size):
+        fail(f"{what}: key codes are {tuple(z.shape[1:])} (C_z, H_z, W_z) but the diffusion model "
+             f"expects {(cfg.z_channels, cfg.z_size, cfg.z_size)}")
+
+
+def load_bright(path, device, cfg=None):
+    """-> (BRIGHT autoencoder with its EMA weights, its Config, raw checkpoint); checked against cfg"""
+    model, bcfg, bckpt = load_checkpoint(path, device)
+    if cfg and (bcfg.z_channels, bcfg.z_size) != (cfg.z_channels, cfg.z_size):
+        fail(f"{path!r} makes {bcfg.z_channels}x{bcfg.z_size}x{bcfg.z_size} key codes, but the diffusion model "
+             f"was trained on {cfg.z_channels}x{cfg.z_size}x{cfg.z_size}")
+    return model, bcfg, bckpt
+
+
+def load_ddpm(path, device):
+    """-> (the EMA UNet in eval mode, its config, the raw checkpoint)"""
+    ckpt = read_checkpoint(path, "ddpm", "train one first: python diffusion.py train")
+    try:
+        cfg = DiffusionConfig(**ckpt["config"])
+        model = UNet(cfg)
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"{path!r} does not fit this diffusion.py ({str(e).splitlines()[0][:100]})")
+    return model.to(device).eval().requires_grad_(False), cfg, ckpt
+
+
+@torch.no_grad()
+def encode_all(bright, images, device, bs=64):
+    """uint8 images (N, 3, H, W) -> key codes (N, C_z, H_z, W_z) in (0, 1) on the CPU, by the EMA
+    encoder without key-code noise (that noise only regularises the decoder in training)"""
+    return torch.cat([bright.encode(to_float(images[i:i + bs]).to(device)).cpu() for i in range(0, len(images), bs)])
+
+
+@torch.no_grad()
+def decode_all(bright, codes, device, bs=64):
+    """key codes in [0, 1] -> images (N, 3, H, W) in [0, 1], by the decoder, without key-code noise"""
+    return torch.cat([(bright.decode(codes[i:i + bs].to(device)).clamp(-1, 1).cpu() + 1) / 2
+                      for i in range(0, len(codes), bs)])
+
+
+# ----------------------------------------------------------------------------- commands
+
+def train(args):
+    device = pick_device(args.device)
+    if args.data and args.codes:
+        fail("pass --data or --codes, not both")
+    path = os.path.join(args.out, "ddpm.pt")
+    ckpt = read_checkpoint(path, "ddpm", "nothing to resume") if args.resume else None
+    if not ckpt and os.path.exists(path):
+        fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
+    # 1. the key codes of the training images, from a codes file or encoded here
+    if args.codes:
+        d = read_checkpoint(args.codes, "bright-codes", "write one with: python bright.py encode")
+        codes, bright_path, bright_cfg, data = d.get("codes"), args.bright_ckpt or d.get("bright_ckpt"), d.get("config"), None
+        check_codes(codes, args.codes)
+    else:
+        bright_path = args.bright_ckpt or (ckpt["bright_ckpt"] if ckpt else DEFAULT_BRIGHT)
+        bright, bcfg, bckpt = load_bright(bright_path, device)
+        data = args.data or (ckpt or {}).get("data") or bckpt.get("data") or DEFAULT_DATA
+        images, _ = load_dataset(data, bcfg.image_size)
+        t0 = time.time()
+        codes, bright_cfg = encode_all(bright, images, device), bckpt["config"]
+        print(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
+        del bright, images
+    N, C, H, _ = codes.shape
+    if ckpt:
+        cfg = DiffusionConfig(**{**ckpt["config"], **({"max_iters": args.max_iters} if args.max_iters else {})})
+        check_codes(codes, "the training codes", cfg)
+    else:
+        cfg = make_config(args.preset, z_channels=C, z_size=H, max_iters=args.max_iters,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    print(f"key codes: {N} x {C}x{H}x{H}, mean {codes.mean():.3f}, std {codes.std():.3f}")
+    # [0, 1] -> [-1, 1], the data range DDPM assumes. No scale factor, unlike latent diffusion on
+    # a KL autoencoder's unbounded latents: the sigmoid already bounds the key codes.
+    x_all = (codes * 2 - 1).to(device)                                     # (N, C_z, H_z, W_z)
+
+    # 2. the UNet, its EMA copy and the optimiser; the schedule stays outside them (Diffusion)
+    torch.manual_seed(cfg.seed)
+    diffusion = Diffusion(cfg.timesteps, device)
+    model = UNet(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"]); step = ckpt["step"]
+        print(f"resuming {path} at step {step}")
+    print(f"UNet: {sum(p.numel() for p in model.parameters()):,} parameters, width {cfg.width}, "
+          f"mults {cfg.mults}, device {device}")
+
+    def save():
+        atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
+                     "bright_ckpt": bright_path, "bright_config": bright_cfg, "data": data}, path)
+
+    stop = []  # Ctrl-C finishes the current step, saves, and exits (a second one aborts)
+    old = signal.signal(signal.SIGINT, lambda *a: (stop.append(1), signal.signal(signal.SIGINT, old)))
+    t0 = t_last = time.time()
+    s_last, losses = step, []
+    model.train()
+    while step < cfg.max_iters and not stop:
+        torch.manual_seed(cfg.seed + step)  # batch, t and noise depend on the step alone: exact resume
+        # no flips: the encoder is not flip-equivariant, a flipped code is not the flipped image's code
+        x0 = x_all[torch.randint(N, (cfg.batch_size,), device=device)]     # (B, C_z, H_z, W_z)
+        loss = diffusion.loss(model, x0, cfg.min_snr_gamma)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min((step + 1) / cfg.warmup, 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_iters))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        # EMA with a warm-up: early on the average forgets the random initialisation quickly
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        losses.append(loss.item())
+        if step % args.log_every == 0 or step == cfg.max_iters:
+            now = time.time()
+            its = (step - s_last) / max(now - t_last, 1e-9)
+            print(f"iter {step:6d}/{cfg.max_iters} | loss {sum(losses) / len(losses):.4f} | {its:6.2f} it/s | "
+                  f"eta {(cfg.max_iters - step) / max(its, 1e-9) / 60:5.1f} min", flush=True)
+            t_last, s_last, losses = now, step, []
+        if step % cfg.save_every == 0 or step == cfg.max_iters or stop:
+            save()
+    signal.signal(signal.SIGINT, old)
+    if stop:
+        print(f"interrupted at step {step}; --resume continues")
+    print(f"done: step {step}, {time.time() - t0:.0f} s in all; saved {path}")
+
+
+@torch.no_grad()
+def generate(model, cfg, n, device, sampler="ddim", steps=50, eta=0.0, seed=0, bs=256):
+    """-> n key codes (n, C_z, H_z, W_z) in [0, 1], sampled in batches of bs"""
+    diffusion, g, out = Diffusion(cfg.timesteps, device), torch.Generator(device).manual_seed(seed), []
+    for i in range(0, n, bs):
+        shape = (min(bs, n - i), cfg.z_channels, cfg.z_size, cfg.z_size)
+        x = (diffusion.ddpm_sample(model, shape, device, g) if sampler == "ddpm"
+             else diffusion.ddim_sample(model, shape, device, steps, eta, g))
+        out.append(((x.clamp(-1, 1) + 1) / 2).cpu())                       # [-1, 1] -> key codes in [0, 1]
+    return torch.cat(out)
+
+
+def load_for_sampling(args):
+    device = pick_device(args.device)
+    model, cfg, ckpt = load_ddpm(args.ckpt, device)
+    path = args.bright_ckpt or ckpt.get("bright_ckpt")
+    if not path:
+        fail(f"{args.ckpt!r} does not say which BRIGHT checkpoint decodes its key codes: pass --bright-ckpt")
+    bright, _, bckpt = load_bright(path, device, cfg)
+    old, new = ckpt.get("bright_config") or {}, bckpt["config"]
+    if any(new[k] != v for k, v in old.items() if k in new):  # fields that bright.py added since are no change
+        print(f"warning: {path} has another config than the BRIGHT model the diffusion model was trained for")
+    return device, model, cfg, ckpt, bright, bckpt
+
+
+def cmd_sample(args):
+    if args.n < 1:
+        fail("--n must be at least 1")
+    device, model, cfg, ckpt, bright, _ = load_for_sampling(args)
+    t0 = time.time()
+    codes = generate(model, cfg, args.n, device, args.sampler, args.steps, args.eta, args.seed)
+    t1 = time.time()
+    save_grid(decode_all(bright, codes, device), args.out, nrow=math.ceil(math.sqrt(args.n)))
+    how = f"DDPM, {cfg.timesteps} steps" if args.sampler == "ddpm" else f"DDIM, {args.steps} steps, eta {args.eta}"
+    print(f"sampled {args.n} key codes ({how}) in {t1 - t0:.1f} s, decoded in {time.time() - t1:.1f} s; wrote {args.out}")
+    if args.save_codes:
+        p = os.path.splitext(args.out)[0] + ".pt"
+        atomic_save({"kind": "ddpm-samples", "codes": codes, "ddpm_ckpt": args.ckpt}, p)
+        print(f"wrote {p}: key codes {tuple(codes.shape)} in [0, 1]")
+
+
+def nearest(queries, bank, k, as_float, chunk=1024):
+    """queries (Q, D), bank (N, ...) -> RMS distances (Q, k) and indices (Q, k) of the k nearest
+    bank rows; as_float turns one chunk of the bank into floats, so a large uint8 image set never
+    sits in memory as floats (only the (Q, N) distances do)"""
+    d = torch.cat([torch.cdist(queries, as_float(bank[i:i + chunk]).flatten(1))
+                   for i in range(0, len(bank), chunk)], 1)                 # (Q, N)
+    d, idx = d.topk(min(k, d.shape[1]), 1, largest=False)
+    return d / math.sqrt(queries.shape[1]), idx
+
+
+def cmd_neighbors(args):
+    device, model, cfg, ckpt, bright, bckpt = load_for_sampling(args)
+    data = args.data or ckpt.get("data") or bckpt.get("data") or DEFAULT_DATA
+    train_x, val_x = load_dataset(data, bright.cfg.image_size)
+    t0, n = time.time(), max(args.n, args.n_stats)
+    train_z = encode_all(bright, train_x, device)                           # (N, C_z, H_z, W_z)
+    codes = generate(model, cfg, n, device, "ddim", args.steps, 0.0, args.seed)
+    samples = decode_all(bright, codes, device)                             # (n, 3, H, W) in [0, 1]
+    # held-out real images go through the autoencoder too, so that in pixels both sets carry the
+    # decoder's own reconstruction error when compared with the (real) training images
+    val_z = encode_all(bright, val_x[:args.n_stats], device)
+    val_rec = decode_all(bright, val_z, device)
+    pix = lambda u8: u8.float() / 255
+    dz, iz = nearest(codes.flatten(1), train_z, args.k, lambda z: z)
+    dp, ip = nearest(samples.flatten(1), train_x, args.k, pix)
+    dz_val, _ = nearest(val_z.flatten(1), train_z, 1, lambda z: z)
+    dp_val, _ = nearest(val_rec.flatten(1), train_x, 1, pix)
+    # one row a sample: the sample, its k nearest training images by key code, a blank, its k by pixels
+    blank = torch.ones_like(samples[:1])
+    rows = [torch.cat([samples[r:r + 1], pix(train_x[iz[r]]), blank, pix(train_x[ip[r]])]) for r in range(args.n)]
+    save_grid(torch.cat(rows), args.out, nrow=2 * args.k + 2)
+    print(f"wrote {args.out}: {args.n} samples (first column), their {args.k} nearest of {len(train_x)} training "
+          f"images by key-code distance, then by pixel distance ({time.time() - t0:.0f} s)")
+    print(f"mean RMS distance to the nearest training image, {n} samples vs {len(val_z)} held-out images:")
+    close = False
+    for name, s, v in [("key codes", dz[:, 0].mean(), dz_val.mean()), ("pixels", dp[:, 0].mean(), dp_val.mean())]:
+        print(f"  {name:9s}: samples {s:.4f} | held-out {v:.4f} | ratio {s / v:.2f}")
+        close |= bool(s < 0.5 * v)
+    print("samples sit much closer to the training set than held-out real images do (ratio < 0.5): a sign of "
+          "memorisation" if close else "no sign of memorisation: samples are not much closer to the training set "
+          "than held-out images")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    common.add_argument("--bright-ckpt", help=f"BRIGHT checkpoint (train: {DEFAULT_BRIGHT}; else the DDPM's own)")
+    t = sub.add_parser("train", parents=[common], help="train the diffusion model on key codes")
+    t.add_argument("--data", help="image folder to encode (default: the one BRIGHT was trained on)")
+    t.add_argument("--codes", help="key codes written by: python bright.py encode")
+    t.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    t.add_argument("--out", default=DEFAULT_OUT)
+    for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--lr", float), ("--seed", int)]:
+        t.add_argument(flag, type=typ)
+    t.add_argument("--log-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(fn=train)
+    s = sub.add_parser("sample", parents=[common], help="sample key codes, decode them, write a PNG grid")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 as DDPM")
+    s.add_argument("--out", default=os.path.join(DEFAULT_OUT, "samples.png"))
+    s.add_argument("--save-codes", action="store_true", help="also write the sampled key codes (.pt beside the PNG)")
+    s.set_defaults(fn=cmd_sample)
+    nb = sub.add_parser("neighbors", parents=[common], help="samples beside their nearest training images")
+    nb.add_argument("--n", type=int, default=16, help="samples shown, one a row")
+    nb.add_argument("--k", type=int, default=4, help="neighbours shown for each distance")
+    nb.add_argument("--n-stats", type=int, default=128, help="samples and held-out images for the distance means")
+    nb.add_argument("--data", help="training images (default: those the model was trained on)")
+    nb.add_argument("--out", default=os.path.join(DEFAULT_OUT, "neighbors.png"))
+    nb.set_defaults(fn=cmd_neighbors)
+    for p in (s, nb):
+        p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"))
+        p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+        p.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
