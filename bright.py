@@ -450,6 +450,13 @@ def evaluate(model, val, device, bs=32):
     return torch.cat(p), torch.cat(s), torch.cat(codes)
 
 
+@torch.no_grad()
+def encode_images(model, images, device, bs=64):
+    """uint8 images (N, 3, H, W) -> key codes (N, C_z, H_z, W_z) in (0, 1) on the CPU; no
+    key-code noise (it only regularises the decoder during training)"""
+    return torch.cat([model.encode(x).cpu() for x in batches(images, bs, device)])
+
+
 def train(args):
     device = pick_device(args.device)
     out = args.out
@@ -583,8 +590,7 @@ def cmd_reconstruct(args):
 
 def cmd_encode(args):
     model, cfg, ckpt, device, train_x, val_x = load_for_command(args)
-    with torch.no_grad():
-        codes = [torch.cat([model.encode(x).cpu() for x in batches(d, 64, device)]) for d in (train_x, val_x)]
+    codes = [encode_images(model, d, device) for d in (train_x, val_x)]
     atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1],
                  "bright_ckpt": args.ckpt, "config": asdict(cfg)}, args.out)
     print(f"wrote {args.out}: key codes {tuple(codes[0].shape)} train, {tuple(codes[1].shape)} val")

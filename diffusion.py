@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, ema_update, fail, load_checkpoint,
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, ema_update, encode_images, fail, load_checkpoint,
                     load_dataset, pick_device, read_checkpoint, save_grid, to_float)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
@@ -317,13 +317,6 @@ def load_ddpm(path, device):
 
 
 @torch.no_grad()
-def encode_all(bright, images, device, bs=64):
-    """uint8 images (N, 3, H, W) -> key codes (N, C_z, H_z, W_z) in (0, 1) on the CPU, by the EMA
-    encoder without key-code noise (that noise only regularises the decoder in training)"""
-    return torch.cat([bright.encode(to_float(images[i:i + bs]).to(device)).cpu() for i in range(0, len(images), bs)])
-
-
-@torch.no_grad()
 def decode_all(bright, codes, device, bs=64):
     """key codes in [0, 1] -> images (N, 3, H, W) in [0, 1], by the decoder, without key-code noise"""
     return torch.cat([(bright.decode(codes[i:i + bs].to(device)).clamp(-1, 1).cpu() + 1) / 2
@@ -351,7 +344,7 @@ def train(args):
         data = args.data or (ckpt or {}).get("data") or bckpt.get("data") or DEFAULT_DATA
         images, _ = load_dataset(data, bcfg.image_size)
         t0 = time.time()
-        codes, bright_cfg = encode_all(bright, images, device), bckpt["config"]
+        codes, bright_cfg = encode_images(bright, images, device), bckpt["config"]
         print(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
         del bright, images
     N, C, H, _ = codes.shape
@@ -475,12 +468,12 @@ def cmd_neighbors(args):
     data = args.data or ckpt.get("data") or bckpt.get("data") or DEFAULT_DATA
     train_x, val_x = load_dataset(data, bright.cfg.image_size)
     t0, n = time.time(), max(args.n, args.n_stats)
-    train_z = encode_all(bright, train_x, device)                           # (N, C_z, H_z, W_z)
+    train_z = encode_images(bright, train_x, device)                        # (N, C_z, H_z, W_z)
     codes = generate(model, cfg, n, device, "ddim", args.steps, 0.0, args.seed)
     samples = decode_all(bright, codes, device)                             # (n, 3, H, W) in [0, 1]
     # held-out real images go through the autoencoder too, so that in pixels both sets carry the
     # decoder's own reconstruction error when compared with the (real) training images
-    val_z = encode_all(bright, val_x[:args.n_stats], device)
+    val_z = encode_images(bright, val_x[:args.n_stats], device)
     val_rec = decode_all(bright, val_z, device)
     pix = lambda u8: u8.float() / 255
     dz, iz = nearest(codes.flatten(1), train_z, args.k, lambda z: z)
