@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from hashgrid_triton import GridSpec, cell_and_frac, corner_index, grid_lookup
+from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners
 
 DEFAULT_DATA = "data/shapes"
 DEFAULT_OUT = "out"
@@ -196,15 +196,20 @@ class BRIGHT(nn.Module):
         """images (B, 3, H, W) in [-1, 1] -> key codes (B, C_z, H_z, W_z) in (0, 1)"""
         return torch.sigmoid(self.encoder(x))
 
-    def features(self, z):
-        """key codes (B, C_z, H_z, W_z) -> feature map f (B, C_d, H_d, W_d)"""
+    def queries(self, z):
+        """key codes (B, C_z, H_z, W_z) -> grid coordinates (N = B*H_d*W_d, G, C_key + 2):
+        per pixel and group, (x, y, key slice) with the codes tiled (nearest) to H_d x W_d"""
         cfg, B = self.cfg, z.shape[0]
         H, G, K = cfg.feat_size, cfg.groups, cfg.c_key
         z = z.repeat_interleave(H // cfg.z_size, 2).repeat_interleave(H // cfg.z_size, 3)  # tile (B, C_z, H_d, W_d)
         key = z.permute(0, 2, 3, 1).reshape(B * H * H, G, K)                  # (N, G, C_key)
         xy = self.xy.reshape(1, H * H, 1, 2).expand(B, -1, G, -1).reshape(B * H * H, G, 2)
-        coords = torch.cat([xy, key], -1)                                      # (N, G, C_key + 2)
-        feats = grid_lookup(coords.float(), self.tables, self.spec, self.backend)  # (N, G, L*F)
+        return torch.cat([xy.to(key.dtype), key], -1).float()                 # (N, G, C_key + 2)
+
+    def features(self, z):
+        """key codes (B, C_z, H_z, W_z) -> feature map f (B, C_d, H_d, W_d)"""
+        B, H = z.shape[0], self.cfg.feat_size
+        feats = grid_lookup(self.queries(z), self.tables, self.spec, self.backend)  # (N, G, L*F)
         feats = feats.reshape(B, H, H, -1).permute(0, 3, 1, 2)                 # (B, G*L*F, H_d, W_d)
         return self.head(feats.to(z.dtype))
 
@@ -363,24 +368,17 @@ def table_usage(model, codes):
     """Fraction of table entries that receive a non-zero interpolation weight from the queries
     of these key codes, per level (over all groups) and overall. Dense levels count their
     (res+1)^D vertices, hashed levels their T entries (alignment padding is never used)."""
-    cfg, spec = model.cfg, model.spec
-    G, H, D = cfg.groups, cfg.feat_size, spec.dim
-    bits = torch.tensor([[(k >> d) & 1 for d in range(D)] for k in range(2 ** D)])
+    spec, G = model.spec, model.cfg.groups
     used = [torch.zeros(G, n, dtype=torch.bool) for n in spec.sizes]
     for z in codes.split(16):
-        z = z.float().cpu().repeat_interleave(H // cfg.z_size, 2).repeat_interleave(H // cfg.z_size, 3)
-        key = z.permute(0, 2, 3, 1).reshape(-1, G, cfg.c_key)
-        xy = model.xy.cpu().reshape(1, H * H, 1, 2).expand(len(z), -1, G, -1).reshape(-1, G, 2)
-        x = torch.cat([xy, key], -1).clamp(0, 1)                            # (N, G, D)
+        x = clamp_coords(model.queries(z.to(model.xy.device))).cpu()        # (N, G, D)
         for l in range(spec.levels):
-            cell, t = cell_and_frac(x, spec.resolutions[l])
-            w = torch.where(bits.bool(), t[:, :, None], 1 - t[:, :, None]).prod(-1)  # (N, G, 2^D)
-            idx = corner_index(cell[:, :, None] + bits, spec, l)                  # (N, G, 2^D)
+            idx, w = level_corners(x, spec, l)                              # (N, G, 2^D) each
             for g in range(G):
                 used[l][g, idx[:, g][w[:, g] > 0]] = True
     per_level = []
     for l, u in enumerate(used):
-        n = (spec.resolutions[l] + 1) ** D if spec.dense[l] else spec.sizes[l]
+        n = (spec.resolutions[l] + 1) ** spec.dim if spec.dense[l] else spec.sizes[l]
         per_level.append((u[:, :n].sum().item(), G * n))
     return ([a / b for a, b in per_level], sum(a for a, _ in per_level) / sum(b for _, b in per_level))
 

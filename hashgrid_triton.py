@@ -136,6 +136,17 @@ def cell_and_frac(x, res):
     return cell.long(), pos - cell
 
 
+def level_corners(x, spec, l):
+    """All 2^D corners of level l at once: clamped x (N, G, D) -> entry indices within the
+    level (N, G, 2^D) and their multilinear weights (N, G, 2^D)"""
+    D = x.shape[-1]
+    bits = torch.tensor([[(k >> d) & 1 for d in range(D)] for k in range(2 ** D)], device=x.device)
+    cell, t = cell_and_frac(x, spec.resolutions[l])                     # (N, G, D)
+    tt = t[:, :, None, :]
+    w = torch.where(bits.bool(), tt, 1 - tt).prod(-1)                   # (N, G, 2^D)
+    return corner_index(cell[:, :, None, :] + bits, spec, l), w
+
+
 def grid_lookup_reference(coords, tables, spec):
     """The naive lookup, written for clarity: one gather per corner per level.
     coords (N, G, D), tables (G, num_entries, F) -> (N, G, L*F); autograd does the gradients."""
@@ -166,8 +177,6 @@ def grid_lookup_fast(coords, tables, spec):
     N, G, D = coords.shape
     Fe = spec.features
     x = clamp_coords(coords)
-    bits = torch.tensor([[(k >> d) & 1 for d in range(D)] for k in range(2 ** D)],
-                        device=coords.device)  # (2^D, D)
     out = []
     for l in range(spec.levels):
         r, off = spec.resolutions[l], spec.offsets[l]
@@ -179,13 +188,9 @@ def grid_lookup_fast(coords, tables, spec):
             y = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
             out.append(y.reshape(G, Fe, N).permute(2, 0, 1))            # (N, G, F)
             continue
-        cell, t = cell_and_frac(x, r)                                   # (N, G, D)
-        c = cell[:, :, None, :] + bits                                  # (N, G, 2^D, D)
-        tt = t[:, :, None, :]
-        w = torch.where(bits.bool(), tt, 1 - tt).prod(-1)               # (N, G, 2^D)
-        idx = off + corner_index(c, spec, l)                            # (N, G, 2^D)
+        idx, w = level_corners(x, spec, l)                              # (N, G, 2^D) each
         g = torch.arange(G, device=coords.device)[None, :, None]
-        entry = tables[g, idx]                                          # (N, G, 2^D, F)
+        entry = tables[g, off + idx]                                    # (N, G, 2^D, F)
         out.append((w[..., None] * entry).sum(2))
     return torch.cat(out, dim=-1)
 
