@@ -6,8 +6,11 @@ the command line.
     python bright.py train [--data DIR] [--preset tiny|ffhq256|church256] [--out out]
     python bright.py eval | reconstruct | encode [--ckpt out/bright.pt] [--data DIR]
     python bright.py info [--preset ffhq256]
+    python bright.py compare out out_vq      # runs side by side (e.g. BRIGHT vs --bottleneck vq)
+    torchrun --standalone --nproc_per_node=K bright.py train ...    # DDP
 """
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -37,6 +41,11 @@ def fail(msg):
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+def fp32(t):
+    """a region that stays float32 under autocast (a no-op off cpu/cuda, e.g. on meta tensors)"""
+    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
 
 def norm(c):
     return nn.GroupNorm(8 if c % 8 == 0 else 1, c)
@@ -78,6 +87,58 @@ class ModConv(nn.Module):
         return y + self.bias[:, None, None]
 
 
+class VectorQuantizer(nn.Module):
+    """The baseline BRIGHT is compared with (`--bottleneck vq`): plain VQ-VAE (van den Oord et
+    al. 2017). Each encoder vector snaps to the nearest of K codebook entries; the gradient
+    passes straight through; a commitment loss ||z - sg(e)||^2 keeps the encoder near its
+    entries; the codebook is not trained by the optimizer but moved to an EMA of the vectors
+    assigned to it (VQ-VAE appendix A.1). Entries nobody picks stay where they are (dead), as
+    in the paper's VQ baselines; `restart` re-seeds them from the batch instead."""
+    def __init__(self, K, dim, decay=0.99, restart=False):
+        super().__init__()
+        self.K, self.decay, self.restart = K, decay, restart
+        e = torch.empty(K, dim).uniform_(-1 / K, 1 / K)     # VQGAN's init: near 0, every direction
+        self.register_buffer("codebook", e)                 # (K, dim)
+        # as if each entry had been assigned once, to itself: an unused entry stays put
+        self.register_buffer("cluster_size", torch.ones(K))
+        self.register_buffer("embed_sum", e.clone())
+
+    def assign(self, v):
+        """vectors (M, dim) -> index of the nearest entry (M,)"""
+        d = v.square().sum(1, keepdim=True) - 2 * v @ self.codebook.t() + self.codebook.square().sum(1)
+        return d.argmin(1)
+
+    def forward(self, z):
+        """z (B, dim, H, W) -> (quantized z with a straight-through gradient, indices (B, H, W),
+        commitment loss). In training mode, also one EMA step of the codebook."""
+        B, C, H, W = z.shape
+        v = z.permute(0, 2, 3, 1).reshape(-1, C).float()   # (M = B*H*W, dim)
+        idx = self.assign(v.detach())
+        q = self.codebook[idx]
+        if self.training:
+            self.ema_step(v.detach(), idx)
+        commit = F.mse_loss(v, q.detach())
+        q = v + (q - v).detach()                           # straight-through: dq/dz = identity
+        return q.reshape(B, H, W, C).permute(0, 3, 1, 2).to(z.dtype), idx.reshape(B, H, W), commit
+
+    @torch.no_grad()
+    def ema_step(self, v, idx, eps=1e-5):
+        onehot = F.one_hot(idx, self.K).type_as(v)           # (M, K)
+        counts, sums = onehot.sum(0), onehot.t() @ v         # (K,), (K, dim)
+        if dist.is_initialized():  # every rank applies the same update: its buffers stay equal
+            dist.all_reduce(counts); dist.all_reduce(sums)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_sum.lerp_(sums, 1 - self.decay)
+        n = self.cluster_size.sum()
+        size = (self.cluster_size + eps) / (n + self.K * eps) * n   # Laplace smoothing
+        self.codebook.copy_(self.embed_sum / size[:, None])
+        if self.restart:  # optional: re-seed entries that are (nearly) never picked
+            dead = self.cluster_size < 1e-3
+            if dead.any():
+                pick = v[torch.randint(len(v), (int(dead.sum()),), device=v.device)]
+                self.codebook[dead] = pick; self.embed_sum[dead] = pick; self.cluster_size[dead] = 1
+
+
 # ----------------------------------------------------------------------------- config
 
 @dataclass
@@ -97,7 +158,15 @@ class Config:
     enc_widths: tuple = (16, 32, 64, 128)   # one per encoder resolution (len = downsamplings + 1)
     dec_widths: tuple = (64, 48, 32)  # one per decoder resolution, feat_size up to image_size
     style_dim: int = 64
+    # the bottleneck: "hash" (BRIGHT) or "vq" (the baseline: C_z-wide encoder vectors snapped
+    # to a codebook of K entries, then a 1x1 conv to the G*L*F channels the lookup would give)
+    bottleneck: str = "hash"
+    codebook_size: int = 1024       # K
+    commitment: float = 0.25        # beta
+    codebook_decay: float = 0.99
+    codebook_restart: bool = False  # off: plain VQ, as the paper's baselines
     # training
+    grad_accum: int = 1             # batch_size is the global batch of one optimizer step
     batch_size: int = 16
     lr: float = 2e-3                # the paper: Adam lr 2e-3, betas (0, 0.99), eps 1e-15
     ema_decay: float = 0.998
@@ -118,6 +187,10 @@ class Config:
             raise ValueError("image_size must be feat_size * 2^(len(dec_widths) - 1)")
         if self.feat_size % self.z_size:
             raise ValueError("feat_size must be a multiple of z_size (nearest tiling)")
+        if self.bottleneck not in ("hash", "vq"):
+            raise ValueError(f"bottleneck must be 'hash' or 'vq', not {self.bottleneck!r}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a multiple of grad_accum")
 
     @property
     def groups(self):
@@ -173,10 +246,17 @@ class BRIGHT(nn.Module):
         enc = [nn.Conv2d(3, w[0], 3, padding=1)]
         for a, b in zip(w[:-1], w[1:]):
             enc += [ResBlock(a, a), nn.Conv2d(a, b, 3, stride=2, padding=1)]
-        enc += [ResBlock(w[-1], w[-1]), norm(w[-1]), nn.LeakyReLU(0.2), nn.Conv2d(w[-1], cfg.z_channels, 1)]
+        enc += [ResBlock(w[-1], w[-1]), norm(w[-1]), nn.LeakyReLU(0.2)]
         self.encoder = nn.Sequential(*enc)
-        # 2. groups of multi-resolution hash tables, U(-1e-4, 1e-4) as in Instant-NGP
-        self.tables = nn.Parameter(torch.empty(G, self.spec.num_entries, cfg.features).uniform_(-1e-4, 1e-4))
+        self.to_key = nn.Conv2d(w[-1], cfg.z_channels, 1)
+        if cfg.bottleneck == "hash":
+            # 2. groups of multi-resolution hash tables, U(-1e-4, 1e-4) as in Instant-NGP
+            self.tables = nn.Parameter(torch.empty(G, self.spec.num_entries, cfg.features).uniform_(-1e-4, 1e-4))
+        else:
+            # 2'. the VQ baseline: a codebook, and a 1x1 conv standing in for the lookup
+            self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.z_channels, cfg.codebook_decay,
+                                             cfg.codebook_restart)
+            self.unembed = nn.Conv2d(cfg.z_channels, G * LF, 1)
         # 3. per-group MLP, L*F -> C_d/G, as grouped 1x1 convs (one weight per group)
         self.head = nn.Sequential(nn.Conv2d(G * LF, G * cfg.head_hidden, 1, groups=G), nn.LeakyReLU(0.2),
                                   nn.Conv2d(G * cfg.head_hidden, cfg.c_d, 1, groups=G))
@@ -193,8 +273,14 @@ class BRIGHT(nn.Module):
         self.register_buffer("xy", torch.stack(torch.meshgrid(c, c, indexing="xy"), -1), persistent=False)
 
     def encode(self, x):
-        """images (B, 3, H, W) in [-1, 1] -> key codes (B, C_z, H_z, W_z) in (0, 1)"""
-        return torch.sigmoid(self.encoder(x))
+        """images (B, 3, H, W) in [-1, 1] -> key codes (B, C_z, H_z, W_z) in (0, 1)
+        (vq: the unquantized encoder vectors, unbounded)"""
+        h = self.encoder(x)
+        # the key codes are computed in fp32 even under bf16 autocast: bf16 keeps 8 bits of
+        # mantissa, a step of 2^-8 near 1 = a quarter of a finest-level cell at max_res 64
+        with fp32(x):
+            z = self.to_key(h.float())
+        return torch.sigmoid(z) if self.cfg.bottleneck == "hash" else z
 
     def queries(self, z):
         """key codes (B, C_z, H_z, W_z) -> grid coordinates (N = B*H_d*W_d, G, C_key + 2):
@@ -207,14 +293,24 @@ class BRIGHT(nn.Module):
         return torch.cat([xy.to(key.dtype), key], -1).float()                 # (N, G, C_key + 2)
 
     def features(self, z):
-        """key codes (B, C_z, H_z, W_z) -> feature map f (B, C_d, H_d, W_d)"""
+        """key codes (B, C_z, H_z, W_z) -> feature map f (B, C_d, H_d, W_d)
+        (vq: quantized vectors -> 1x1 conv -> tiled; the head and decoder are the same)"""
         B, H = z.shape[0], self.cfg.feat_size
-        feats = grid_lookup(self.queries(z), self.tables, self.spec, self.backend)  # (N, G, L*F)
+        if self.cfg.bottleneck == "vq":
+            r = H // self.cfg.z_size
+            feats = self.unembed(z).repeat_interleave(r, 2).repeat_interleave(r, 3)  # (B, G*L*F, H_d, W_d)
+            return self.head(feats)
+        # the lookup stays in fp32 under autocast: coordinates need the bits (see encode), and
+        # the table entries are updated by ~lr per step, far below a bf16 step at their size
+        with fp32(z):
+            feats = grid_lookup(self.queries(z), self.tables, self.spec, self.backend)  # (N, G, L*F)
         feats = feats.reshape(B, H, H, -1).permute(0, 3, 1, 2)                 # (B, G*L*F, H_d, W_d)
-        return self.head(feats.to(z.dtype))
+        return self.head(feats)
 
     def decode(self, z):
-        """key codes in [0, 1] -> images (B, 3, H, W) in [-1, 1]"""
+        """key codes in [0, 1] -> images (B, 3, H, W) in [-1, 1] (vq: encoder vectors, quantized here)"""
+        if self.cfg.bottleneck == "vq":
+            return self.synthesize(self.features(self.quantizer(z)[0]))
         if not z.is_meta and z.numel() and (z.min() < 0 or z.max() > 1 or z.isnan().any()):
             raise ValueError(f"key codes must lie in [0, 1], got [{z.min():.3g}, {z.max():.3g}]; clip them first")
         return self.synthesize(self.features(z))
@@ -229,11 +325,17 @@ class BRIGHT(nn.Module):
             x = F.leaky_relu(conv(x, s), 0.2)
         return self.to_rgb(x, s)
 
-    def forward(self, x, noise=True):
+    def forward(self, x, noise=None):
+        """training pass: images -> (reconstruction, key codes, auxiliary loss). noise: None, or
+        standard-normal (B, C_z, H_z, W_z) for the key-code noise (drawn by the caller, so that a
+        batch split over processes or micro-batches gets the same noise as the whole batch)"""
         z = self.encode(x)
-        if noise:  # key-code noise: keeps the decoder robust to small code errors
-            z = (z + torch.randn_like(z) * self.cfg.noise_sigma).clamp(0, 1)
-        return self.decode(z), z
+        if self.cfg.bottleneck == "vq":
+            q, _, commit = self.quantizer(z)
+            return self.synthesize(self.features(q)), z, self.cfg.commitment * commit
+        if noise is not None:  # key-code noise: keeps the decoder robust to small code errors
+            z = (z + noise * self.cfg.noise_sigma).clamp(0, 1)
+        return self.decode(z), z, z.new_zeros(())
 
 
 class PatchDiscriminator(nn.Module):
@@ -383,6 +485,34 @@ def table_usage(model, codes):
     return ([a / b for a, b in per_level], sum(a for a, _ in per_level) / sum(b for _, b in per_level))
 
 
+def codebook_usage(idx, K):
+    """VQ indices -> (fraction of the K entries chosen at least once, perplexity exp(H(p)) of
+    the entries' frequencies: K when all are used equally, 1 when one entry takes everything)"""
+    p = torch.bincount(idx.flatten(), minlength=K).double() / idx.numel()
+    return (p > 0).double().mean().item(), torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()
+
+
+def quantize_codes(z, bits):
+    """key codes in [0, 1] -> the nearest of 2^bits evenly spaced values (0 and 1 included)"""
+    n = 2 ** bits - 1
+    return torch.round(z * n) / n
+
+
+def lpips_metric(device):
+    """-> (fn(a, b) -> per-image LPIPS of [-1, 1] images, None), or (None, why it is skipped).
+    Optional: needs the `lpips` package and torchvision's AlexNet weights already in the torch
+    hub cache (nothing is downloaded)."""
+    try:
+        import lpips
+    except ImportError:
+        return None, "the lpips package is not installed (pip install lpips)"
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if not (os.path.isdir(hub) and any(f.startswith("alexnet") for f in os.listdir(hub))):
+        return None, f"torchvision's AlexNet weights are not in {hub}"
+    net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    return (lambda a, b: net(a, b).flatten()), None
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path):
@@ -420,6 +550,8 @@ def ema_update(ema, model, decay):
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):  # e.g. the VQ codebook, already an EMA
+            e.copy_(b)
 
 
 def pick_device(name="auto"):
@@ -438,14 +570,35 @@ def batches(x, bs, device):
 
 
 @torch.no_grad()
-def evaluate(model, val, device, bs=32):
-    """EMA model on validation images -> per-image PSNR, SSIM, and the key codes (no noise)"""
-    p, s, codes = [], [], []
+def evaluate(model, val, device, bs=32, bits=None, lpips=None):
+    """EMA model on validation images -> per-image PSNR, SSIM, and the key codes (no noise);
+    bits: quantize the key codes first; lpips: also that metric (then a 4th output)"""
+    p, s, codes, lp = [], [], [], []
     for x in batches(val, bs, device):
         z = model.encode(x)
-        y = model.decode(z).clamp(-1, 1)
+        y = model.decode(z if bits is None else quantize_codes(z, bits)).clamp(-1, 1)
         p.append(psnr(y, x)); s.append(ssim(y, x)); codes.append(z.cpu())
-    return torch.cat(p), torch.cat(s), torch.cat(codes)
+        if lpips:
+            lp.append(lpips(y, x).cpu())
+    out = torch.cat(p).cpu(), torch.cat(s).cpu(), torch.cat(codes)
+    return out + (torch.cat(lp),) if lpips else out
+
+
+def usage(model, codes):
+    """hash: table usage (per level, overall); vq: codebook usage (used fraction, perplexity)"""
+    if model.cfg.bottleneck == "hash":
+        per_level, overall = table_usage(model, codes)
+        return {"table_usage": {"overall": overall, "per_level": per_level}}
+    v = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
+    used, ppl = codebook_usage(model.quantizer.assign(v.to(model.quantizer.codebook.device)), model.cfg.codebook_size)
+    return {"codebook_usage": {"used": used, "perplexity": ppl, "size": model.cfg.codebook_size}}
+
+
+def code_bits(cfg, bits=None):
+    """bits of one image's code: VQ log2(K) per position; key codes `bits` per channel"""
+    if cfg.bottleneck == "vq":
+        return cfg.z_size ** 2 * math.log2(cfg.codebook_size)
+    return cfg.z_size ** 2 * cfg.z_channels * bits
 
 
 @torch.no_grad()
@@ -455,14 +608,48 @@ def encode_images(model, images, device, bs=64):
     return torch.cat([model.encode(x).cpu() for x in batches(images, bs, device)])
 
 
-def train(args):
-    device = pick_device(args.device)
+def setup_distributed(device_name="auto"):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (NCCL on CUDA,
+    gloo on CPU) and take this process's GPU. A plain `python bright.py train` is rank 0 of 1.
+    -> (rank, world_size, device)"""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast(device, dtype):
+    """bf16 autocast for the convolutions and MLPs on CUDA; the key codes and the lookup opt
+    out of it (BRIGHT.encode, BRIGHT.features). The CPU trains in float32."""
+    if dtype == "bfloat16" and device.type != "cuda":
+        fail("--dtype bfloat16 is for CUDA; on the CPU training runs in float32")
+    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def train(args, on_step=None):
+    """Single process, or DDP under torchrun. One optimizer step sees cfg.batch_size images
+    whatever the number of processes and micro-batches: the step's batch and key-code noise
+    are drawn from a seed that depends only on the step, identically on every rank, and rank r
+    takes its share of it, micro-batch by micro-batch (a per-rank shard, equivalent to a
+    DistributedSampler with replacement). So the run is reproducible, and `--resume` continues
+    it with any world size. on_step(step, model, loss): called after every step (tests)."""
+    rank, world, device = setup_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 logs, writes grids and checkpoints
     out = args.out
     path = os.path.join(out, "bright.pt")
     ckpt = None
     if args.resume:
         ckpt = read_checkpoint(path, "bright")
-        cfg = Config(**{**ckpt["config"], **({"max_iters": args.max_iters} if args.max_iters else {})})
+        keep = {k: v for k, v in [("max_iters", args.max_iters), ("grad_accum", args.grad_accum)] if v}
+        try:
+            cfg = Config(**{**ckpt["config"], **keep})
+        except ValueError as e:
+            fail(f"inconsistent config: {e}")
         if args.preset and make_config(args.preset).grid != cfg.grid:
             fail(f"{path} was trained with another config than --preset {args.preset}; drop --preset to resume it")
     else:
@@ -473,18 +660,24 @@ def train(args):
         except json.JSONDecodeError as e:
             fail(f"--set is not valid JSON ({e})")
         cfg = make_config(args.preset or "tiny", max_iters=args.max_iters, batch_size=args.batch_size,
-                          **extra,
+                          bottleneck=args.bottleneck, grad_accum=args.grad_accum, **extra,
                           l1_weight=args.l1_weight, gan_weight=args.gan_weight, seed=args.seed)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    amp = autocast(device, args.dtype)
     data = args.data or DEFAULT_DATA
-    if args.data is None:
+    if args.data is None and rank == 0:
         prepare_shapes(DEFAULT_DATA)
+    if world > 1:
+        dist.barrier()
     train_x, val_x = load_dataset(data, cfg.image_size)
-    print(f"data: {len(train_x)} training, {len(val_x)} validation images from {data} at {cfg.image_size}^2")
+    say(f"data: {len(train_x)} training, {len(val_x)} validation images from {data} at {cfg.image_size}^2")
 
     torch.manual_seed(cfg.seed)
     model = BRIGHT(cfg).to(device)
     model.backend = args.backend
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.99), eps=1e-15)
     disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc else None
@@ -494,61 +687,112 @@ def train(args):
         opt.load_state_dict(ckpt["optimizer"]); step = ckpt["step"]
         if disc:
             disc.load_state_dict(ckpt["disc"]); d_opt.load_state_dict(ckpt["disc_optimizer"])
-        print(f"resuming {path} at step {step}")
-    n_tab = model.tables.numel()
-    print(f"model: {sum(p.numel() for p in model.parameters()) - n_tab:,} network + {n_tab:,} table parameters, "
-          f"{cfg.groups} groups x {cfg.levels} levels, device {device}, lookup backend {args.backend}")
+        say(f"resuming {path} at step {step}")
+    n_tab = model.tables.numel() if cfg.bottleneck == "hash" else 0
+    say(f"model: {sum(p.numel() for p in model.parameters()) - n_tab:,} network + {n_tab:,} table parameters, "
+        + (f"{cfg.groups} groups x {cfg.levels} levels" if n_tab else f"VQ codebook {cfg.codebook_size} x {cfg.z_channels}")
+        + f", device {device}, lookup backend {args.backend}, {world} process(es) x {cfg.grad_accum} "
+        f"micro-batch(es) of {micro}, {args.dtype}")
+    if args.compile:  # the dense parts only; the lookup is a custom autograd Function
+        model.encoder.compile(); model.head.compile(); model.synthesize = torch.compile(model.synthesize)
+    # DDP all-reduces every gradient, the hash tables' included: dense in memory although each
+    # step touches a fraction of the entries. For ffhq256 that is 74.5M floats (298 MB) per step;
+    # see BENCHMARKS.md for what it costs: small against a step's compute on NVLink or one node,
+    # worth a look on slow inter-node links.
+    ddp = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    ddisc = nn.parallel.DistributedDataParallel(disc, [device.index] if device.type == "cuda" else None) \
+        if disc and world > 1 else disc
 
     def save():
         atomic_save({"kind": "bright", "config": asdict(cfg), "step": step, "model": model.state_dict(),
                      "ema": ema.state_dict(), "optimizer": opt.state_dict(), "data": data,
                      **({"disc": disc.state_dict(), "disc_optimizer": d_opt.state_dict()} if disc else {})}, path)
 
-    stop = []  # Ctrl-C finishes the current step, saves, and exits (a second one aborts)
+    stop = []  # Ctrl-C (or torchrun's SIGTERM) finishes the current step, saves, and exits
     import signal
-    old_handler = signal.signal(signal.SIGINT, lambda *a: (stop.append(1), signal.signal(signal.SIGINT, old_handler)))
-    os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, "log.csv"), "a")
-    if log.tell() == 0:
-        log.write("iteration,loss,psnr,seconds\n")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in handlers:  # a second signal gets the default behaviour back
+        signal.signal(sig, lambda n, f: (stop.append(1), signal.signal(n, handlers[n])))
+    log = None
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        log = open(os.path.join(out, "log.csv"), "a")
+        if log.tell() == 0:
+            log.write("iteration,loss,psnr,seconds\n")
     t0 = t_last = time.time(); s_last = step
     model.train()
-    while step < cfg.max_iters and not stop:
+    shares = torch.arange(cfg.batch_size).view(world, cfg.grad_accum, micro)[rank]  # (accum, micro) of this rank
+    while step < cfg.max_iters:
         torch.manual_seed(cfg.seed + step)  # batch and key-code noise depend on the step alone: exact resume
-        x = to_float(train_x[torch.randint(len(train_x), (cfg.batch_size,))]).to(device)
-        y, _ = model(x)
-        loss = F.mse_loss(y, x) + cfg.l1_weight * (y - x).abs().mean()
-        if disc:
-            loss = loss + cfg.gan_weight * F.softplus(-disc(y)).mean()  # non-saturating GAN loss
+        idx = torch.randint(len(train_x), (cfg.batch_size,))
+        noise = torch.randn(cfg.batch_size, cfg.z_channels, cfg.z_size, cfg.z_size)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        stats = torch.zeros(3, device=device)  # loss, psnr (means over the step's batch), stop votes
+        fakes = []
+        for k, sel in enumerate(shares):
+            x = to_float(train_x[idx[sel]]).to(device)
+            last = k == cfg.grad_accum - 1   # DDP all-reduces once, on the last micro-batch
+            with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with amp:
+                    y, _, aux = ddp(x, None if cfg.bottleneck == "vq" else noise[sel].to(device))
+                    y = y.float()
+                    loss = F.mse_loss(y, x) + cfg.l1_weight * (y - x).abs().mean() + aux
+                    if disc:  # non-saturating GAN loss; through the unwrapped D, whose grads are reset below
+                        loss = loss + cfg.gan_weight * F.softplus(-disc(y)).mean()
+                (loss / cfg.grad_accum).backward()
+            stats[0] += loss.detach() / cfg.grad_accum
+            stats[1] += psnr(y.detach(), x).mean() / cfg.grad_accum
+            if disc:
+                fakes.append((y.detach(), x))
         opt.step()
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         if disc:
-            d_loss = F.softplus(disc(y.detach())).mean() + F.softplus(-disc(x)).mean()
-            d_opt.zero_grad(set_to_none=True); d_loss.backward(); d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+            for k, (y, x) in enumerate(fakes):
+                with ddisc.no_sync() if world > 1 and k < len(fakes) - 1 else contextlib.nullcontext():
+                    with amp:
+                        logits = ddisc(torch.cat([y, x])).float()
+                        d_loss = F.softplus(logits[:len(x)]).mean() + F.softplus(-logits[len(x):]).mean()
+                    (d_loss / cfg.grad_accum).backward()
+            d_opt.step()
         step += 1
+        stats[2] = float(bool(stop))
+        if world > 1:  # the step's mean loss, and one decision to stop for all ranks
+            dist.all_reduce(stats)
+            stats[:2] /= world
+        loss_v, psnr_v, stopping = stats.tolist()
+        if on_step:
+            on_step(step, model, loss_v)
         if step % args.log_every == 0 or step == 1:
             now = time.time()
             its = (step - s_last) / max(now - t_last, 1e-9)
-            p = psnr(y.detach(), x).mean().item()
             eta = (cfg.max_iters - step) / max(its, 1e-9)
-            print(f"iter {step:6d}/{cfg.max_iters} | loss {loss.item():.5f} | psnr {p:5.2f} dB | "
-                  f"{its:5.2f} it/s | eta {eta / 60:5.1f} min", flush=True)
-            log.write(f"{step},{loss.item():.6f},{p:.3f},{now - t0:.1f}\n"); log.flush()
+            say(f"iter {step:6d}/{cfg.max_iters} | loss {loss_v:.5f} | psnr {psnr_v:5.2f} dB | "
+                f"{its:5.2f} it/s | eta {eta / 60:5.1f} min", flush=True)
+            if log:
+                log.write(f"{step},{loss_v:.6f},{psnr_v:.3f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last = now, step
-        if step % cfg.eval_every == 0 or step == cfg.max_iters or stop:
+        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_iters or stopping):
             p, s, _ = evaluate(ema, val_x[:256], device)
             with torch.no_grad():
                 xv = to_float(val_x[:16]).to(device)
                 pairs_grid(xv, ema.decode(ema.encode(xv)).clamp(-1, 1), os.path.join(out, "recon.png"))
             save()
-            print(f"step {step}: val psnr {p.mean():.2f} dB, ssim {s.mean():.4f} (EMA) | "
-                  f"saved {path} and {os.path.join(out, 'recon.png')} | {time.time() - t0:.0f} s", flush=True)
-    log.close()
-    signal.signal(signal.SIGINT, old_handler)
-    if stop:
-        print(f"interrupted at step {step}; checkpoint saved, --resume continues")
+            say(f"step {step}: val psnr {p.mean():.2f} dB, ssim {s.mean():.4f} (EMA) | "
+                f"saved {path} and {os.path.join(out, 'recon.png')} | {time.time() - t0:.0f} s", flush=True)
+        if stopping:
+            break
+    if log:
+        log.close()
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+    if stop or (step < cfg.max_iters):
+        say(f"interrupted at step {step}; checkpoint saved, --resume continues")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
 
 
 def load_for_command(args):
@@ -562,20 +806,49 @@ def load_for_command(args):
 
 def cmd_eval(args):
     model, cfg, ckpt, device, _, val_x = load_for_command(args)
-    p, s, z = evaluate(model, val_x, device)
-    per_level, overall = table_usage(model, z)
-    r = {"checkpoint": args.ckpt, "step": ckpt["step"], "images": len(val_x),
+    if args.quantize_bits and cfg.bottleneck != "hash":
+        fail("--quantize-bits quantizes key codes: it needs a hash-bottleneck checkpoint")
+    try:
+        bits = [int(b) for b in args.quantize_bits.split(",")] if args.quantize_bits else []
+    except ValueError:
+        bits = [0]
+    if any(not 1 <= b <= 24 for b in bits):
+        fail(f"--quantize-bits takes a comma-separated list of bit counts in 1..24, not {args.quantize_bits!r}")
+    lp, lp_why = lpips_metric(device) if args.lpips else (None, None)
+    p, s, z, *l = evaluate(model, val_x, device, lpips=lp)
+    r = {"checkpoint": args.ckpt, "step": ckpt["step"], "bottleneck": cfg.bottleneck, "images": len(val_x),
          "psnr": p.mean().item(), "ssim": s.mean().item(),
          "key_codes": {"mean": z.mean().item(), "std": z.std().item(), "min": z.min().item(), "max": z.max().item()},
-         "table_usage": {"overall": overall, "per_level": per_level}}
+         **usage(model, z)}
+    if args.lpips:
+        r["lpips"] = l[0].mean().item() if lp else f"skipped: {lp_why}"
+    if cfg.bottleneck == "vq":
+        r["code_bits_per_image"] = code_bits(cfg)
+    r["quantized"] = []
+    for b in bits:
+        pb, sb, _ = evaluate(model, val_x, device, bits=b)
+        r["quantized"].append({"bits": b, "psnr": pb.mean().item(), "ssim": sb.mean().item(),
+                               "code_bits_per_image": code_bits(cfg, b)})
     if args.json:
         print(json.dumps(r, indent=2))
         return
     k = r["key_codes"]
-    print(f"{args.ckpt} (step {r['step']}) on {r['images']} validation images")
-    print(f"PSNR {r['psnr']:.2f} dB | SSIM {r['ssim']:.4f}")
-    print(f"key codes: mean {k['mean']:.3f} std {k['std']:.3f} min {k['min']:.4f} max {k['max']:.4f}")
-    print(f"table usage: {overall:.1%} overall; per level " + " ".join(f"{u:.0%}" for u in per_level))
+    print(f"{args.ckpt} (step {r['step']}, {cfg.bottleneck} bottleneck) on {r['images']} validation images")
+    print(f"PSNR {r['psnr']:.2f} dB | SSIM {r['ssim']:.4f}" + (f" | LPIPS {r['lpips']:.4f}" if lp else ""))
+    if args.lpips and not lp:
+        print(f"LPIPS skipped: {lp_why}")
+    print(f"{'key codes' if cfg.bottleneck == 'hash' else 'encoder vectors'}: mean {k['mean']:.3f} "
+          f"std {k['std']:.3f} min {k['min']:.4f} max {k['max']:.4f}")
+    if cfg.bottleneck == "hash":
+        u = r["table_usage"]
+        print(f"table usage: {u['overall']:.1%} overall; per level " + " ".join(f"{x:.0%}" for x in u["per_level"]))
+    else:
+        u = r["codebook_usage"]
+        print(f"codebook usage: {u['used']:.1%} of {u['size']} entries, perplexity {u['perplexity']:.1f} | "
+              f"{r['code_bits_per_image']:.0f} bits per image")
+    for q in r["quantized"]:
+        print(f"key codes at {q['bits']:2d} bits: PSNR {q['psnr']:.2f} dB | SSIM {q['ssim']:.4f} | "
+              f"{q['code_bits_per_image']:.0f} bits per image")
 
 
 def cmd_reconstruct(args):
@@ -610,7 +883,7 @@ def model_cost(cfg):
     # lookup: per query and level, 2^D corner weights times F features (one MAC each)
     lookup_macs = H * H * G * cfg.levels * 2 ** (cfg.c_key + 2) * cfg.features
     n = lambda mods: sum(p.numel() for mod in mods for p in mod.parameters())
-    return {"table_params": m.tables.numel(), "encoder_params": n([m.encoder]),
+    return {"table_params": m.tables.numel(), "encoder_params": n([m.encoder, m.to_key]),
             "decoder_params": n([m.head, m.style, m.dec, m.to_rgb]),
             "decoder_gmacs": dec_macs / 1e9, "lookup_gmacs": lookup_macs / 1e9, "encoder_gmacs": enc_macs / 1e9}
 
@@ -629,7 +902,78 @@ def cmd_info(args):
               f"{c['decoder_gmacs'] + c['lookup_gmacs']:.2f} GMACs (encoder {c['encoder_gmacs']:.2f})")
 
 
-def main(argv=None):
+def read_log(run):
+    """run folder -> columns of its log.csv (iteration, loss, psnr, seconds)"""
+    path = os.path.join(run, "log.csv")
+    if not os.path.isfile(path):
+        fail(f"{path!r} not found")
+    rows = [l.split(",") for l in open(path).read().split()[1:]]
+    return {k: [float(r[i]) for r in rows] for i, k in enumerate(("iteration", "loss", "psnr", "seconds"))}
+
+
+def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):
+    """series {name: (xs, ys)} -> a line chart PNG, drawn with pillow"""
+    from PIL import ImageDraw
+    W, H = size
+    l, r, t, b = 60, 20, 20, 50
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    xs = [x for v in series.values() for x in v[0]]
+    ys = [y for v in series.values() for y in v[1]]
+    x0, x1, y0, y1 = min(xs), max(xs), math.floor(min(ys)), math.ceil(max(ys))
+    X = lambda x: l + (x - x0) / max(x1 - x0, 1e-9) * (W - l - r)
+    Y = lambda y: H - b - (y - y0) / max(y1 - y0, 1e-9) * (H - t - b)
+    d.rectangle([l, t, W - r, H - b], outline="black")
+    for i in range(6):
+        yv, xv = y0 + (y1 - y0) * i / 5, x0 + (x1 - x0) * i / 5
+        d.line([l, Y(yv), W - r, Y(yv)], fill=(225, 225, 225))
+        d.text((l - 8, Y(yv)), f"{yv:.1f}", fill="black", anchor="rm")
+        d.text((X(xv), H - b + 8), f"{xv:.0f}", fill="black", anchor="mt")
+    d.text(((l + W - r) / 2, H - 18), xlabel, fill="black", anchor="mm")
+    d.text((8, t), ylabel, fill="black", anchor="lt")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        d.line([(X(x), Y(y)) for x, y in zip(sx, sy)], fill=colors[i % 4], width=2)
+        d.text((l + 12, t + 10 + 16 * i), name, fill=colors[i % 4], anchor="lt")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im.save(path)
+
+
+def cmd_compare(args):
+    """runs side by side: a markdown table, PSNR-vs-iteration curves, reconstructions"""
+    device = pick_device(args.device)
+    rows, curves, recons = [], {}, []
+    for run in args.runs:
+        model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
+        model.backend = args.backend
+        _, val_x = load_dataset(args.data or ckpt.get("data") or DEFAULT_DATA, cfg.image_size)
+        p, s, z = evaluate(model, val_x, device)
+        u = usage(model, z)
+        u = (f"{u['table_usage']['overall']:.1%} of table entries" if "table_usage" in u else
+             f"{u['codebook_usage']['used']:.1%} of codebook (perplexity {u['codebook_usage']['perplexity']:.0f})")
+        log = read_log(run)
+        n_code = model.tables.numel() if cfg.bottleneck == "hash" else model.quantizer.codebook.numel()
+        n_net = sum(p.numel() for p in model.parameters()) - (n_code if cfg.bottleneck == "hash" else 0)
+        bits = f"{cfg.z_channels} x 32 (float)" if cfg.bottleneck == "hash" else f"{math.log2(cfg.codebook_size):.0f}"
+        rows.append(f"| {run} | {cfg.bottleneck} | {ckpt['step']} | {p.mean():.2f} | {s.mean():.4f} | {u} | "
+                    f"{n_net:,} + {n_code:,} | {cfg.z_size}x{cfg.z_size}, {bits} bits each | {log['seconds'][-1]:.0f} |")
+        k = max(1, len(log["psnr"]) // 40)  # training-batch PSNR, smoothed over ~1/40 of the run
+        sm = np.convolve(log["psnr"], np.ones(k) / k, mode="valid")
+        curves[f"{run} ({cfg.bottleneck})"] = (log["iteration"][k - 1:], sm.tolist())
+        with torch.no_grad():
+            x = to_float(val_x[:args.n]).to(device)
+            recons.append(model.decode(model.encode(x)).clamp(-1, 1).cpu())
+    print("| run | bottleneck | iterations | PSNR (dB) | SSIM | usage | parameters (network + table/codebook) "
+          "| code per image | training time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    plot_curves(curves, os.path.join(args.out, "curves.png"), "iteration", "training PSNR (dB)")
+    save_grid((torch.cat([x.cpu()] + recons) + 1) / 2, os.path.join(args.out, "recon.png"), nrow=len(x))
+    print(f"wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'recon.png')} "
+          f"(rows: originals, then {', '.join(args.runs)})")
+
+
+def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -637,18 +981,23 @@ def main(argv=None):
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--backend", default="auto", choices=["auto", "torch", "reference", "triton"],
                         help="hash-grid lookup: triton on CUDA, torch on CPU by default")
-    t = sub.add_parser("train", parents=[common], help="train BRIGHT")
+    t = sub.add_parser("train", parents=[common], help="train BRIGHT (under torchrun: DDP)")
     t.add_argument("--preset", default=None, choices=list(PRESETS))
+    t.add_argument("--bottleneck", choices=["hash", "vq"], help="hash (BRIGHT, default) or vq (the baseline)")
     t.add_argument("--out", default=DEFAULT_OUT)
     t.add_argument("--max-iters", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int, help="images per optimizer step, over all processes")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: autocast on CUDA (the lookup stays float32)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the encoder, heads and decoder")
     t.add_argument("--l1-weight", type=float)
     t.add_argument("--gan-weight", type=float, help="patch-GAN loss weight (default 0: off)")
     t.add_argument("--seed", type=int)
     t.add_argument("--set", help='other config fields as JSON, e.g. \'{"lr": 0.001}\'')
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--resume", action="store_true")
-    for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table usage"),
+    for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table or codebook usage"),
                             ("reconstruct", cmd_reconstruct, "PNG of validation images and reconstructions"),
                             ("encode", cmd_encode, "key codes of every image, for diffusion.py")]:
         p = sub.add_parser(name, parents=[common], help=help_)
@@ -656,15 +1005,25 @@ def main(argv=None):
         p.set_defaults(fn=fn)
         if name == "eval":
             p.add_argument("--json", action="store_true")
+            p.add_argument("--quantize-bits", help="also evaluate with key codes quantized to b bits, e.g. 2,4,6,8")
+            p.add_argument("--lpips", action="store_true", help="also LPIPS, if the lpips package is installed")
         if name == "reconstruct":
             p.add_argument("--out", default=os.path.join(DEFAULT_OUT, "reconstruct.png"))
             p.add_argument("--n", type=int, default=32)
         if name == "encode":
             p.add_argument("--out", default=os.path.join(DEFAULT_OUT, "codes.pt"))
+    c = sub.add_parser("compare", parents=[common], help="runs side by side: table, curves, reconstructions")
+    c.add_argument("runs", nargs="+", help="training output folders (each with bright.pt and log.csv)")
+    c.add_argument("--out", default="compare")
+    c.add_argument("--n", type=int, default=8)
     i = sub.add_parser("info", help="parameters and GMACs of the presets")
     i.add_argument("--preset", default=None, choices=list(PRESETS))
-    t.set_defaults(fn=train); i.set_defaults(fn=cmd_info)
-    args = ap.parse_args(argv)
+    t.set_defaults(fn=train); i.set_defaults(fn=cmd_info); c.set_defaults(fn=cmd_compare)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     args.fn(args)
 
 

@@ -251,9 +251,9 @@ def test_key_code_noise_only_when_training(micro):
     torch.manual_seed(0)
     m = BRIGHT(micro)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    (y1, z1), (y2, z2) = m(x, noise=False), m(x, noise=False)
-    assert torch.equal(y1, y2) and torch.equal(z1, m.encode(x))
-    _, zn = m(x, noise=True)
+    (y1, z1, a1), (y2, z2, _) = m(x), m(x)
+    assert torch.equal(y1, y2) and torch.equal(z1, m.encode(x)) and a1.item() == 0
+    _, zn, _ = m(x, noise=torch.randn(2, 4, 4, 4))
     d = zn - z1
     assert 0 < d.abs().max() and (zn >= 0).all() and (zn <= 1).all()
     assert d.std().item() == pytest.approx(micro.noise_sigma, rel=0.3)  # sigma = 1/(4 max_res)
@@ -266,7 +266,7 @@ def test_loss_falls_on_a_fixed_batch(micro):
     opt = torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.0, 0.99), eps=1e-15)
     losses = []
     for _ in range(150):
-        y, _ = m(x)
+        y, _, _ = m(x, noise=torch.randn(4, 4, 4, 4))
         loss = torch.nn.functional.mse_loss(y, x)
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
@@ -384,6 +384,186 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
                      (tmp_path / "junk.pt", "not a readable checkpoint")]:
         with pytest.raises(SystemExit, match=msg):
             run("eval", "--ckpt", bad, "--data", data16)
+
+
+# ----------------------------------------------------------------------------- the VQ baseline and code bits
+
+def test_vq_snaps_to_the_nearest_codebook_entry():
+    torch.manual_seed(0)
+    vq = bright.VectorQuantizer(16, 4).eval()
+    vq.codebook.normal_()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    q, idx, commit = vq(z)
+    v = z.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.equal(idx.flatten(), torch.cdist(v, vq.codebook).argmin(1))
+    # q = z + (e - z).detach(): equal to the entry up to one float32 rounding of that sum
+    assert torch.allclose(q.detach().permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook[idx.flatten()], atol=1e-6)
+    assert commit.item() == pytest.approx((v - vq.codebook[idx.flatten()]).square().mean().item(), rel=1e-5)
+    (q * torch.arange(4.0)[:, None, None]).sum().backward()   # straight through: dq/dz = identity
+    assert torch.equal(z.grad, torch.arange(4.0)[:, None, None].expand_as(z))
+
+
+def test_vq_ema_moves_an_entry_toward_its_assigned_mean():
+    vq = bright.VectorQuantizer(4, 2, decay=0.9).train()
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]]))
+    vq.embed_sum.copy_(vq.codebook)
+    before = vq.codebook.clone()
+    z = torch.tensor([[1.0, 1.2], [0.8, 1.0], [1.2, 0.8]]).reshape(1, 3, 1, 2).permute(0, 3, 1, 2)  # (1, 2, 1, 3)
+    _, idx, _ = vq(z)
+    assert (idx == 0).all()
+    mean = torch.tensor([1.0, 1.0])
+    assert (vq.codebook[0] - mean).norm() < (before[0] - mean).norm()      # toward the mean...
+    assert (vq.codebook[0] - mean).norm() > 0                               # ...by an EMA step, not a jump
+    assert torch.allclose(vq.codebook[1:], before[1:], atol=1e-4)           # unused entries stay (plain VQ)
+
+
+def test_codebook_usage_and_perplexity_hand_cases():
+    assert bright.codebook_usage(torch.tensor([0, 0, 1, 1]), 4) == pytest.approx((0.5, 2.0))
+    assert bright.codebook_usage(torch.tensor([3, 3, 3]), 4) == pytest.approx((0.25, 1.0))
+    assert bright.codebook_usage(torch.arange(8), 8) == pytest.approx((1.0, 8.0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5])
+def test_quantize_codes_bits(bits):
+    z = torch.rand(5000, dtype=torch.float64)
+    q = bright.quantize_codes(z, bits)
+    assert q.unique().numel() <= 2 ** bits and q.min() >= 0 and q.max() <= 1
+    assert (q - z).abs().max() <= 0.5 / (2 ** bits - 1) + 1e-12   # the nearest level
+
+
+def test_quantized_codes_change_the_output_only_when_coarse(micro):
+    # tables of size 1 (not the 1e-4 of a fresh model), so the output depends on the codes.
+    # 16 bits move a code by at most 2^-17 (1/16000 of the finest cell here, 1/8), 1 bit by up
+    # to 0.5: the output is smooth in the codes, so the first change is ~1e-4 of the second
+    torch.manual_seed(0)
+    m = BRIGHT(micro).eval()
+    with torch.no_grad():
+        m.tables.normal_()
+        z = m.encode(torch.rand(8, 3, 16, 16) * 2 - 1)
+        y, y16, y1 = (m.decode(c) for c in (z, bright.quantize_codes(z, 16), bright.quantize_codes(z, 1)))
+    assert (y1 - y).abs().max() > 0
+    assert (y16 - y).abs().max() < 1e-3 * (y1 - y).abs().max()
+
+
+def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
+    h, v = tmp_path / "hash", tmp_path / "vq"
+    run("train", "--preset", "micro", "--data", data16, "--out", h, "--max-iters", 4, "--log-every", 1)
+    run("train", "--preset", "micro", "--bottleneck", "vq", "--set", '{"codebook_size": 32}',
+        "--data", data16, "--out", v, "--max-iters", 4, "--log-every", 1)
+    m, cfg, _ = bright.load_checkpoint(str(v / "bright.pt"))
+    assert cfg.bottleneck == "vq" and not hasattr(m, "tables") and m.quantizer.codebook.shape == (32, 4)
+    capsys.readouterr()
+    run("eval", "--ckpt", v / "bright.pt", "--data", data16, "--json")
+    r = json.loads(capsys.readouterr().out)
+    u = r["codebook_usage"]
+    assert r["bottleneck"] == "vq" and 0 < u["used"] <= 1 and 1 <= u["perplexity"] <= 32 * u["used"] + 1e-9
+    assert r["code_bits_per_image"] == 4 * 4 * 5          # 4x4 indices of log2(32) bits
+    with pytest.raises(SystemExit, match="hash-bottleneck"):
+        run("eval", "--ckpt", v / "bright.pt", "--data", data16, "--quantize-bits", "4")
+    run("compare", h, v, "--data", data16, "--out", tmp_path / "cmp", "--n", 4)
+    out = capsys.readouterr().out
+    assert out.count("| hash |") == 1 and out.count("| vq |") == 1
+    assert Image.open(tmp_path / "cmp" / "recon.png").size[1] == 2 + 3 * (16 + 2)  # originals + 2 runs
+    im = np.asarray(Image.open(tmp_path / "cmp" / "curves.png"))
+    for color in [(31, 119, 180), (214, 39, 40)]:  # both curves were drawn
+        assert (im == color).all(-1).sum() > 20
+
+
+def test_eval_quantize_bits_and_lpips(micro, data16, tmp_path, capsys):
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 4)
+    capsys.readouterr()
+    run("eval", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--json", "--quantize-bits", "1,16", "--lpips")
+    r = json.loads(capsys.readouterr().out)
+    q = {d["bits"]: d for d in r["quantized"]}
+    assert q[1]["code_bits_per_image"] == 4 * 4 * 4 and q[16]["code_bits_per_image"] == 16 * 64
+    assert q[16]["psnr"] == pytest.approx(r["psnr"], abs=0.01)
+    try:
+        import lpips  # noqa: F401
+        assert isinstance(r["lpips"], float) or r["lpips"].startswith("skipped")
+    except ImportError:
+        assert r["lpips"].startswith("skipped: the lpips package is not installed")
+    for bad in ("0", "x", "2,40"):
+        with pytest.raises(SystemExit, match="quantize-bits"):
+            run("eval", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--quantize-bits", bad)
+
+
+# ----------------------------------------------------------------------------- distributed, accumulation, precision
+
+def step_losses(micro_cfg_args, tmp_path, name, *more):
+    """train a micro model in this process; -> per-step losses (global means) and final parameters"""
+    losses = []
+    args = bright.parser().parse_args(["train", "--preset", "micro", *map(str, micro_cfg_args), "--out",
+                                       str(tmp_path / name), *map(str, more)])
+    m = bright.train(args, on_step=lambda step, model, loss: losses.append(loss))
+    return losses, m
+
+
+def test_grad_accum_equals_the_whole_batch(micro, data16, tmp_path):
+    # batch 4 as 2 micro-batches of 2 vs one batch of 4: the same images and key-code noise,
+    # the same mean gradient up to float32 summation order; 3 Adam steps keep the losses
+    # within ~1e-6 relative, so 1e-4 leaves room for that and nothing else
+    a, ma = step_losses(["--data", data16, "--max-iters", 3, "--batch-size", 4], tmp_path, "a")
+    b, mb = step_losses(["--data", data16, "--max-iters", 3, "--batch-size", 4, "--grad-accum", 2], tmp_path, "b")
+    c, _ = step_losses(["--data", data16, "--max-iters", 3, "--batch-size", 2], tmp_path, "c")
+    assert len(a) == 3 and b == pytest.approx(a, rel=1e-4)
+    assert c[1:] != pytest.approx(a[1:], rel=1e-2)   # a different batch is visibly different
+    assert torch.allclose(ma.encoder[0].weight, mb.encoder[0].weight, atol=1e-5)
+    with pytest.raises(SystemExit, match="multiple"):
+        step_losses(["--data", data16, "--max-iters", 1, "--batch-size", 4, "--grad-accum", 3], tmp_path, "d")
+
+
+def test_bfloat16_is_for_cuda_only(micro, data16, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine takes --dtype bfloat16")
+    with pytest.raises(SystemExit, match="CUDA"):
+        step_losses(["--data", data16, "--max-iters", 1, "--dtype", "bfloat16", "--device", "cpu"], tmp_path, "bf")
+
+
+DDP_WORKER = """
+import json, os, sys, torch
+sys.path.insert(0, {here!r})
+import bright
+bright.PRESETS["micro"] = json.loads({micro!r})
+rank = int(os.environ.get("RANK", 0))
+record = []
+args = bright.parser().parse_args(sys.argv[1:])
+bright.train(args, on_step=lambda step, model, loss: record.append(
+    (step, loss, torch.cat([p.detach().flatten() for p in model.parameters()]))))
+torch.save(record, os.path.join({rec!r}, f"rank{{rank}}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(micro, data16, tmp_path):
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(here=HERE, micro=json.dumps(MICRO), rec=str(rec)))
+    common = ["train", "--preset", "micro", "--data", str(data16), "--batch-size", "4", "--log-every", "1",
+              "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(worker), *common, "--out", str(tmp_path / "ddp"), "--max-iters", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r0, r1 = torch.load(rec / "rank0.pt"), torch.load(rec / "rank1.pt")
+    assert [s for s, _, _ in r0] == [1, 2, 3]
+    for (_, l0, p0), (_, l1, p1) in zip(r0, r1):  # the same parameters on both ranks after every step
+        assert l0 == l1 and torch.equal(p0, p1)
+    # one process with the same global batch of 4: the same losses up to float32 summation
+    # order (the all-reduce averages two means of 2; ~1e-6 relative), 1e-4 as elsewhere
+    single, _ = step_losses(["--data", data16, "--batch-size", 4, "--max-iters", 5], tmp_path, "single")
+    assert [l for _, l, _ in r0] == pytest.approx(single[:3], rel=1e-4)
+    # only rank 0 wrote: one header and one line per step in the log, one checkpoint
+    log = (tmp_path / "ddp" / "log.csv").read_text().splitlines()
+    assert log[0] == "iteration,loss,psnr,seconds" and len(log) == 4
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["bright.pt", "log.csv", "recon.png"]
+    # the DDP checkpoint resumes in a single process and continues the same trajectory
+    resumed = []
+    args = bright.parser().parse_args(["train", "--data", str(data16), "--out", str(tmp_path / "ddp"),
+                                       "--max-iters", "5", "--resume"])
+    bright.train(args, on_step=lambda step, model, loss: resumed.append(loss))
+    assert resumed == pytest.approx(single[3:], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- Triton kernels vs the reference
