@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import time
 import zlib
@@ -623,6 +624,25 @@ def setup_distributed(device_name="auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def catch_stop():
+    """Ctrl-C (or the SIGTERM torchrun sends) appends to a list instead of killing: the loop
+    finishes its step, saves and exits; a second signal acts as usual. -> (list, restore())"""
+    stop, handlers = [], {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in handlers:
+        signal.signal(sig, lambda n, f: (stop.append(1), signal.signal(n, handlers[n])))
+    return stop, lambda: [signal.signal(sig, h) for sig, h in handlers.items()]
+
+
+def step_stats(stats, stop, world):
+    """stats (k,) tensor of this rank's step means -> (the means over all ranks..., stop?):
+    one small all-reduce that also makes every rank take the same decision to stop"""
+    stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=stats.device)])
+    if world > 1:
+        dist.all_reduce(stats)  # SUM: gloo has no AVG
+        stats[:-1] /= world
+    return stats[:-1].tolist() + [stats[-1].item() > 0]
+
+
 def autocast(device, dtype):
     """bf16 autocast for the convolutions and MLPs on CUDA; the key codes and the lookup opt
     out of it (BRIGHT.encode, BRIGHT.features). The CPU trains in float32."""
@@ -709,11 +729,7 @@ def train(args, on_step=None):
                      "ema": ema.state_dict(), "optimizer": opt.state_dict(), "data": data,
                      **({"disc": disc.state_dict(), "disc_optimizer": d_opt.state_dict()} if disc else {})}, path)
 
-    stop = []  # Ctrl-C (or torchrun's SIGTERM) finishes the current step, saves, and exits
-    import signal
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in handlers:  # a second signal gets the default behaviour back
-        signal.signal(sig, lambda n, f: (stop.append(1), signal.signal(n, handlers[n])))
+    stop, restore = catch_stop()
     log = None
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -728,7 +744,7 @@ def train(args, on_step=None):
         idx = torch.randint(len(train_x), (cfg.batch_size,))
         noise = torch.randn(cfg.batch_size, cfg.z_channels, cfg.z_size, cfg.z_size)
         opt.zero_grad(set_to_none=True)
-        stats = torch.zeros(3, device=device)  # loss, psnr (means over the step's batch), stop votes
+        stats = torch.zeros(2, device=device)  # loss, psnr: means over this rank's share of the batch
         fakes = []
         for k, sel in enumerate(shares):
             x = to_float(train_x[idx[sel]]).to(device)
@@ -757,11 +773,7 @@ def train(args, on_step=None):
                     (d_loss / cfg.grad_accum).backward()
             d_opt.step()
         step += 1
-        stats[2] = float(bool(stop))
-        if world > 1:  # the step's mean loss, and one decision to stop for all ranks
-            dist.all_reduce(stats)
-            stats[:2] /= world
-        loss_v, psnr_v, stopping = stats.tolist()
+        loss_v, psnr_v, stopping = step_stats(stats, stop, world)
         if on_step:
             on_step(step, model, loss_v)
         if step % args.log_every == 0 or step == 1:
@@ -785,9 +797,8 @@ def train(args, on_step=None):
             break
     if log:
         log.close()
-    for sig, h in handlers.items():
-        signal.signal(sig, h)
-    if stop or (step < cfg.max_iters):
+    restore()
+    if step < cfg.max_iters:
         say(f"interrupted at step {step}; checkpoint saved, --resume continues")
     if world > 1:
         dist.barrier()

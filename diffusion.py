@@ -13,19 +13,21 @@ Equation numbers: DDPM = Ho, Jain & Abbeel 2020 (arXiv 2006.11239); DDIM = Song,
 min-SNR-gamma weighting is Hang et al. 2023 (arXiv 2303.09556).
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, ema_update, encode_images, fail, load_checkpoint,
-                    load_dataset, pick_device, read_checkpoint, save_grid, to_float)
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, ema_update, encode_images, fail,
+                    load_checkpoint, load_dataset, pick_device, read_checkpoint, save_grid, setup_distributed,
+                    step_stats, to_float)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -192,7 +194,8 @@ class DiffusionConfig:
     timesteps: int = 1000          # T
     min_snr_gamma: float = 5.0
     # training
-    batch_size: int = 32
+    batch_size: int = 32           # the global batch of one optimizer step
+    grad_accum: int = 1
     lr: float = 1e-3               # linear warm-up, then cosine decay to lr / 10 at max_iters
     warmup: int = 200
     grad_clip: float = 1.0
@@ -208,6 +211,8 @@ class DiffusionConfig:
                              f"(UNet mults {self.mults}): H_z must be a multiple of {2 ** (len(self.mults) - 1)}")
         if not 0 <= self.attn_lowest <= len(self.mults):
             raise ValueError(f"attn_lowest must be in 0..{len(self.mults)}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a multiple of grad_accum")
 
 
 PRESETS = {
@@ -325,8 +330,12 @@ def decode_all(bright, codes, device, bs=64):
 
 # ----------------------------------------------------------------------------- commands
 
-def train(args):
-    device = pick_device(args.device)
+def train(args, on_step=None):
+    """Single process, or DDP under torchrun, as bright.train: each step's batch, t and noise
+    are drawn from the step's seed on every rank and rank r trains on its share, so any world
+    size and --grad-accum give the same steps. on_step(step, model, loss) after every step."""
+    rank, world, device = setup_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
     if args.data and args.codes:
         fail("pass --data or --codes, not both")
     path = os.path.join(args.out, "ddpm.pt")
@@ -345,16 +354,21 @@ def train(args):
         images, _ = load_dataset(data, bcfg.image_size)
         t0 = time.time()
         codes, bright_cfg = encode_images(bright, images, device), bckpt["config"]
-        print(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
+        say(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
         del bright, images
     N, C, H, _ = codes.shape
     if ckpt:
-        cfg = DiffusionConfig(**{**ckpt["config"], **({"max_iters": args.max_iters} if args.max_iters else {})})
+        keep = {k: v for k, v in [("max_iters", args.max_iters), ("grad_accum", args.grad_accum)] if v}
+        cfg = DiffusionConfig(**{**ckpt["config"], **keep})
         check_codes(codes, "the training codes", cfg)
     else:
         cfg = make_config(args.preset, z_channels=C, z_size=H, max_iters=args.max_iters,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    print(f"key codes: {N} x {C}x{H}x{H}, mean {codes.mean():.3f}, std {codes.std():.3f}")
+                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    amp = autocast(device, args.dtype)
+    say(f"key codes: {N} x {C}x{H}x{H}, mean {codes.mean():.3f}, std {codes.std():.3f}")
     # [0, 1] -> [-1, 1], the data range DDPM assumes. No scale factor, unlike latent diffusion on
     # a KL autoencoder's unbounded latents: the sigmoid already bounds the key codes.
     x_all = (codes * 2 - 1).to(device)                                     # (N, C_z, H_z, W_z)
@@ -363,53 +377,76 @@ def train(args):
     torch.manual_seed(cfg.seed)
     diffusion = Diffusion(cfg.timesteps, device)
     model = UNet(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = 0
     if ckpt:
         model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]); step = ckpt["step"]
-        print(f"resuming {path} at step {step}")
-    print(f"UNet: {sum(p.numel() for p in model.parameters()):,} parameters, width {cfg.width}, "
-          f"mults {cfg.mults}, device {device}")
+        say(f"resuming {path} at step {step}")
+    say(f"UNet: {sum(p.numel() for p in model.parameters()):,} parameters, width {cfg.width}, "
+        f"mults {cfg.mults}, device {device}, {world} process(es) x {cfg.grad_accum} micro-batch(es) "
+        f"of {micro}, {args.dtype}")
+    if args.compile:
+        model.compile()
+    ddp = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
 
     def save():
         atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
                      "bright_ckpt": bright_path, "bright_config": bright_cfg, "data": data}, path)
 
-    stop = []  # Ctrl-C finishes the current step, saves, and exits (a second one aborts)
-    old = signal.signal(signal.SIGINT, lambda *a: (stop.append(1), signal.signal(signal.SIGINT, old)))
+    stop, restore = catch_stop()
     t0 = t_last = time.time()
     s_last, losses = step, []
     model.train()
-    while step < cfg.max_iters and not stop:
+    shares = torch.arange(cfg.batch_size).view(world, cfg.grad_accum, micro)[rank]  # (accum, micro) of this rank
+    while step < cfg.max_iters:
         torch.manual_seed(cfg.seed + step)  # batch, t and noise depend on the step alone: exact resume
         # no flips: the encoder is not flip-equivariant, a flipped code is not the flipped image's code
-        x0 = x_all[torch.randint(N, (cfg.batch_size,), device=device)]     # (B, C_z, H_z, W_z)
-        loss = diffusion.loss(model, x0, cfg.min_snr_gamma)
+        idx = torch.randint(N, (cfg.batch_size,))
+        t = torch.randint(1, cfg.timesteps + 1, (cfg.batch_size,))          # DDPM Algorithm 1: t ~ U{1..T}
+        eps = torch.randn(cfg.batch_size, C, H, H)                           # eps ~ N(0, I)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min((step + 1) / cfg.warmup, 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_iters))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(1, device=device)
+        for k, sel in enumerate(shares):
+            with ddp.no_sync() if world > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext():
+                with amp:
+                    l = diffusion.loss(ddp, x_all[idx[sel].to(device)], cfg.min_snr_gamma,  # (micro, C_z, H_z, W_z)
+                                       t[sel].to(device), eps[sel].to(device))
+                (l / cfg.grad_accum).backward()
+            loss += l.detach().float() / cfg.grad_accum
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         # EMA with a warm-up: early on the average forgets the random initialisation quickly
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        losses.append(loss.item())
+        loss_v, stopping = step_stats(loss, stop, world)
+        losses.append(loss_v)
+        if on_step:
+            on_step(step, model, loss_v)
         if step % args.log_every == 0 or step == cfg.max_iters:
             now = time.time()
             its = (step - s_last) / max(now - t_last, 1e-9)
-            print(f"iter {step:6d}/{cfg.max_iters} | loss {sum(losses) / len(losses):.4f} | {its:6.2f} it/s | "
-                  f"eta {(cfg.max_iters - step) / max(its, 1e-9) / 60:5.1f} min", flush=True)
+            say(f"iter {step:6d}/{cfg.max_iters} | loss {sum(losses) / len(losses):.4f} | {its:6.2f} it/s | "
+                f"eta {(cfg.max_iters - step) / max(its, 1e-9) / 60:5.1f} min", flush=True)
             t_last, s_last, losses = now, step, []
-        if step % cfg.save_every == 0 or step == cfg.max_iters or stop:
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_iters or stopping):
             save()
-    signal.signal(signal.SIGINT, old)
-    if stop:
-        print(f"interrupted at step {step}; --resume continues")
-    print(f"done: step {step}, {time.time() - t0:.0f} s in all; saved {path}")
+        if stopping:
+            break
+    restore()
+    if step < cfg.max_iters:
+        say(f"interrupted at step {step}; --resume continues")
+    say(f"done: step {step}, {time.time() - t0:.0f} s in all; saved {path}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
+
 
 
 @torch.no_grad()
@@ -496,7 +533,7 @@ def cmd_neighbors(args):
           "than held-out images")
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -507,8 +544,11 @@ def main(argv=None):
     t.add_argument("--codes", help="key codes written by: python bright.py encode")
     t.add_argument("--preset", default="tiny", choices=list(PRESETS))
     t.add_argument("--out", default=DEFAULT_OUT)
-    for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--lr", float), ("--seed", int)]:
+    for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
+                      ("--seed", int)]:
         t.add_argument(flag, type=typ)
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast on CUDA")
+    t.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     t.add_argument("--log-every", type=int, default=100)
     t.add_argument("--resume", action="store_true")
     t.set_defaults(fn=train)
@@ -530,7 +570,11 @@ def main(argv=None):
         p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"))
         p.add_argument("--steps", type=int, default=50, help="DDIM steps")
         p.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     args.fn(args)
 
 

@@ -522,34 +522,40 @@ def test_bfloat16_is_for_cuda_only(micro, data16, tmp_path):
 DDP_WORKER = """
 import json, os, sys, torch
 sys.path.insert(0, {here!r})
-import bright
+import bright, diffusion
 bright.PRESETS["micro"] = json.loads({micro!r})
 rank = int(os.environ.get("RANK", 0))
 record = []
-args = bright.parser().parse_args(sys.argv[1:])
-bright.train(args, on_step=lambda step, model, loss: record.append(
+args = {module}.parser().parse_args(sys.argv[1:])
+{module}.train(args, on_step=lambda step, model, loss: record.append(
     (step, loss, torch.cat([p.detach().flatten() for p in model.parameters()]))))
 torch.save(record, os.path.join({rec!r}, f"rank{{rank}}.pt"))
 """
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_match_one(micro, data16, tmp_path):
-    rec = tmp_path / "rec"
+def torchrun_two(tmp_path, module, argv):
+    """argv through `torchrun --standalone --nproc_per_node=2` (gloo, one thread each)
+    -> per rank: [(step, loss, all parameters flattened)] after every step"""
+    rec = tmp_path / f"rec_{module}"
     rec.mkdir()
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER.format(here=HERE, micro=json.dumps(MICRO), rec=str(rec)))
-    common = ["train", "--preset", "micro", "--data", str(data16), "--batch-size", "4", "--log-every", "1",
-              "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = tmp_path / f"worker_{module}.py"
+    worker.write_text(DDP_WORKER.format(here=HERE, micro=json.dumps(MICRO), rec=str(rec), module=module))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(worker), *common, "--out", str(tmp_path / "ddp"), "--max-iters", "3"],
-                       capture_output=True, text=True, env=env, timeout=300)
+                        str(worker), *map(str, argv)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     r0, r1 = torch.load(rec / "rank0.pt"), torch.load(rec / "rank1.pt")
-    assert [s for s, _, _ in r0] == [1, 2, 3]
     for (_, l0, p0), (_, l1, p1) in zip(r0, r1):  # the same parameters on both ranks after every step
         assert l0 == l1 and torch.equal(p0, p1)
+    return r0, r1
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(micro, data16, tmp_path):
+    r0, r1 = torchrun_two(tmp_path, "bright", ["train", "--preset", "micro", "--data", data16, "--batch-size", 4,
+                                               "--log-every", 1, "--device", "cpu", "--out", tmp_path / "ddp",
+                                               "--max-iters", 3])
+    assert [s for s, _, _ in r0] == [1, 2, 3]
     # one process with the same global batch of 4: the same losses up to float32 summation
     # order (the all-reduce averages two means of 2; ~1e-6 relative), 1e-4 as elsewhere
     single, _ = step_losses(["--data", data16, "--batch-size", 4, "--max-iters", 5], tmp_path, "single")
@@ -1129,6 +1135,22 @@ def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
     assert all(torch.equal(v, ca["ema"][k]) for k, v in m.state_dict().items())
     with pytest.raises(SystemExit, match="^error: .*exists: pass --resume"):
         diff_run(*train_args(world, a, 4))
+
+
+@pytest.mark.slow
+def test_diffusion_ddp_and_grad_accum(world, tmp_path):
+    # as for bright.py: 2 processes, or 2 micro-batches, give the steps of one batch of 4, up to
+    # float32 summation order (1e-4 relative over 3 steps, as elsewhere)
+    def single(out, *more):
+        losses = []
+        diffusion.train(diffusion.parser().parse_args([str(a) for a in train_args(world, out, 3, *more)]),
+                        on_step=lambda step, model, loss: losses.append(loss))
+        return losses
+    whole = single(tmp_path / "one")
+    assert single(tmp_path / "accum", "--grad-accum", 2) == pytest.approx(whole, rel=1e-4)
+    r0, _ = torchrun_two(tmp_path, "diffusion", [*train_args(world, tmp_path / "ddp", 3), "--device", "cpu"])
+    assert [l for _, l, _ in r0] == pytest.approx(whole, rel=1e-4)
+    assert torch.load(tmp_path / "ddp" / "ddpm.pt", weights_only=True)["step"] == 3
 
 
 def test_train_from_a_codes_file(world, tmp_path):
