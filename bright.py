@@ -170,6 +170,7 @@ class Config:
     grad_accum: int = 1             # batch_size is the global batch of one optimizer step
     batch_size: int = 16
     lr: float = 2e-3                # the paper: Adam lr 2e-3, betas (0, 0.99), eps 1e-15
+    lr_final: float = 1.0           # cosine decay to lr * lr_final at max_iters (1: constant lr)
     ema_decay: float = 0.998
     l1_weight: float = 0.0
     gan_weight: float = 0.0         # > 0 adds a patch-GAN term (off by default)
@@ -208,8 +209,9 @@ class Config:
 
 
 PRESETS = {
-    # fits a 2-core CPU: 64^2 shapes, key codes 8x8x8, 8 groups of 3-D grids
-    "tiny": {},
+    # fits a 2-core CPU: 64^2 shapes, key codes 8x8x8, 8 groups of 3-D grids; batch 8 and a
+    # decaying lr reach in 9 minutes what batch 16 at a constant lr reached in 13
+    "tiny": dict(batch_size=8, max_iters=4200, lr_final=0.1),
     # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18
     "ffhq256": dict(image_size=256, z_size=16, z_channels=16, levels=16, features=4,
                     log2_table_size=18, min_res=16, max_res=64, feat_size=64, c_d=512,
@@ -743,6 +745,8 @@ def train(args, on_step=None):
         torch.manual_seed(cfg.seed + step)  # batch and key-code noise depend on the step alone: exact resume
         idx = torch.randint(len(train_x), (cfg.batch_size,))
         noise = torch.randn(cfg.batch_size, cfg.z_channels, cfg.z_size, cfg.z_size)
+        for g in opt.param_groups:  # cosine decay from lr to lr * lr_final over max_iters
+            g["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.max_iters)) / 2)
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(2, device=device)  # loss, psnr: means over this rank's share of the batch
         fakes = []
