@@ -519,6 +519,25 @@ def test_bfloat16_is_for_cuda_only(micro, data16, tmp_path):
         step_losses(["--data", data16, "--max-iters", 1, "--dtype", "bfloat16", "--device", "cpu"], tmp_path, "bf")
 
 
+def test_autocast_keeps_key_codes_and_lookup_in_float32(micro, monkeypatch):
+    # what --dtype bfloat16 does on CUDA, with the CPU's bf16 autocast: the convolutions run in
+    # bf16, but the key codes and every tensor of the lookup stay float32
+    seen = []
+    real = bright.grid_lookup
+    def spy(coords, tables, spec, backend):
+        out = real(coords, tables, spec, backend)
+        seen.append((coords.dtype, tables.dtype, out.dtype))
+        return out
+    monkeypatch.setattr(bright, "grid_lookup", spy)
+    m = BRIGHT(micro)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = m.encode(torch.rand(2, 3, 16, 16) * 2 - 1)
+        f = m.features(z)
+        y = m.synthesize(f)
+    assert z.dtype == torch.float32 and seen == [(torch.float32,) * 3]
+    assert f.dtype == torch.bfloat16 and y.isfinite().all()   # the per-group MLP did run in bf16
+
+
 DDP_WORKER = """
 import json, os, sys, torch
 sys.path.insert(0, {here!r})
