@@ -403,6 +403,17 @@ def test_vq_snaps_to_the_nearest_codebook_entry():
     assert torch.equal(z.grad, torch.arange(4.0)[:, None, None].expand_as(z))
 
 
+def test_vq_model_gradient_reaches_the_encoder(micro):
+    torch.manual_seed(0)
+    m = BRIGHT(bright.Config(**{**MICRO, "bottleneck": "vq", "codebook_size": 16}))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y, z, commit = m(x)
+    assert y.shape == x.shape and commit.item() > 0
+    torch.nn.functional.mse_loss(y, x).backward()   # the reconstruction alone: through the straight-through path
+    assert m.encoder[0].weight.grad.abs().sum() > 0 and m.to_key.weight.grad.abs().sum() > 0
+    assert all(not b.requires_grad for b in m.quantizer.buffers())   # the codebook is not the optimizer's
+
+
 def test_vq_ema_moves_an_entry_toward_its_assigned_mean():
     vq = bright.VectorQuantizer(4, 2, decay=0.9).train()
     vq.codebook.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]]))
