@@ -209,9 +209,9 @@ class Config:
 
 
 PRESETS = {
-    # fits a 2-core CPU: 64^2 shapes, key codes 8x8x8, 8 groups of 3-D grids; batch 8 and a
-    # decaying lr reach in 9 minutes what batch 16 at a constant lr reached in 13
-    "tiny": dict(batch_size=8, max_iters=4200, lr_final=0.1),
+    # fits a 2-core CPU: 64^2 shapes, key codes 8x8x8, 8 groups of 3-D grids; batch 8, a
+    # decaying lr and a shorter EMA: ~27 dB in 10 minutes (batch 16, constant lr: 26.6 in 13)
+    "tiny": dict(batch_size=8, max_iters=4400, lr_final=0.1, ema_decay=0.995),
     # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18
     "ffhq256": dict(image_size=256, z_size=16, z_channels=16, levels=16, features=4,
                     log2_table_size=18, min_res=16, max_res=64, feat_size=64, c_d=512,
