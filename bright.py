@@ -285,12 +285,17 @@ class BRIGHT(nn.Module):
             z = self.to_key(h.float())
         return torch.sigmoid(z) if self.cfg.bottleneck == "hash" else z
 
+    def tile(self, z):
+        """(B, C, H_z, W_z) -> (B, C, H_d, W_d), each code repeated (nearest) over its pixels"""
+        r = self.cfg.feat_size // self.cfg.z_size
+        return z.repeat_interleave(r, 2).repeat_interleave(r, 3)
+
     def queries(self, z):
         """key codes (B, C_z, H_z, W_z) -> grid coordinates (N = B*H_d*W_d, G, C_key + 2):
         per pixel and group, (x, y, key slice) with the codes tiled (nearest) to H_d x W_d"""
         cfg, B = self.cfg, z.shape[0]
         H, G, K = cfg.feat_size, cfg.groups, cfg.c_key
-        z = z.repeat_interleave(H // cfg.z_size, 2).repeat_interleave(H // cfg.z_size, 3)  # tile (B, C_z, H_d, W_d)
+        z = self.tile(z)                                                       # (B, C_z, H_d, W_d)
         key = z.permute(0, 2, 3, 1).reshape(B * H * H, G, K)                  # (N, G, C_key)
         xy = self.xy.reshape(1, H * H, 1, 2).expand(B, -1, G, -1).reshape(B * H * H, G, 2)
         return torch.cat([xy.to(key.dtype), key], -1).float()                 # (N, G, C_key + 2)
@@ -300,9 +305,7 @@ class BRIGHT(nn.Module):
         (vq: quantized vectors -> 1x1 conv -> tiled; the head and decoder are the same)"""
         B, H = z.shape[0], self.cfg.feat_size
         if self.cfg.bottleneck == "vq":
-            r = H // self.cfg.z_size
-            feats = self.unembed(z).repeat_interleave(r, 2).repeat_interleave(r, 3)  # (B, G*L*F, H_d, W_d)
-            return self.head(feats)
+            return self.head(self.tile(self.unembed(z)))                       # via (B, G*L*F, H_d, W_d)
         # the lookup stays in fp32 under autocast: coordinates need the bits (see encode), and
         # the table entries are updated by ~lr per step, far below a bf16 step at their size
         with fp32(z):
@@ -626,6 +629,19 @@ def setup_distributed(device_name="auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def ddp_wrap(module, device, world):
+    """DistributedDataParallel around module when there is more than one process, else module"""
+    if module is None or world == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, [device.index] if device.type == "cuda" else None)
+
+
+def sync_grads(module, last):
+    """around a micro-batch's backward: DDP all-reduces the gradients on the last one only"""
+    ddp = isinstance(module, nn.parallel.DistributedDataParallel)
+    return module.no_sync() if ddp and not last else contextlib.nullcontext()
+
+
 def catch_stop():
     """Ctrl-C (or the SIGTERM torchrun sends) appends to a list instead of killing: the loop
     finishes its step, saves and exits; a second signal acts as usual. -> (list, restore())"""
@@ -721,10 +737,7 @@ def train(args, on_step=None):
     # step touches a fraction of the entries. For ffhq256 that is 74.5M floats (298 MB) per step;
     # see BENCHMARKS.md for what it costs: small against a step's compute on NVLink or one node,
     # worth a look on slow inter-node links.
-    ddp = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    ddisc = nn.parallel.DistributedDataParallel(disc, [device.index] if device.type == "cuda" else None) \
-        if disc and world > 1 else disc
+    ddp, ddisc = ddp_wrap(model, device, world), ddp_wrap(disc, device, world)
 
     def save():
         atomic_save({"kind": "bright", "config": asdict(cfg), "step": step, "model": model.state_dict(),
@@ -752,8 +765,7 @@ def train(args, on_step=None):
         fakes = []
         for k, sel in enumerate(shares):
             x = to_float(train_x[idx[sel]]).to(device)
-            last = k == cfg.grad_accum - 1   # DDP all-reduces once, on the last micro-batch
-            with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with sync_grads(ddp, last=k == cfg.grad_accum - 1):
                 with amp:
                     y, _, aux = ddp(x, None if cfg.bottleneck == "vq" else noise[sel].to(device))
                     y = y.float()
@@ -770,7 +782,7 @@ def train(args, on_step=None):
         if disc:
             d_opt.zero_grad(set_to_none=True)
             for k, (y, x) in enumerate(fakes):
-                with ddisc.no_sync() if world > 1 and k < len(fakes) - 1 else contextlib.nullcontext():
+                with sync_grads(ddisc, last=k == len(fakes) - 1):
                     with amp:
                         logits = ddisc(torch.cat([y, x])).float()
                         d_loss = F.softplus(logits[:len(x)]).mean() + F.softplus(-logits[len(x):]).mean()

@@ -13,7 +13,6 @@ Equation numbers: DDPM = Ho, Jain & Abbeel 2020 (arXiv 2006.11239); DDIM = Song,
 min-SNR-gamma weighting is Hang et al. 2023 (arXiv 2303.09556).
 """
 import argparse
-import contextlib
 import copy
 import math
 import os
@@ -25,9 +24,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, ema_update, encode_images, fail,
-                    load_checkpoint, load_dataset, pick_device, read_checkpoint, save_grid, setup_distributed,
-                    step_stats, to_float)
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, ddp_wrap, ema_update,
+                    encode_images, fail, load_checkpoint, load_dataset, pick_device, read_checkpoint, save_grid,
+                    setup_distributed, step_stats, sync_grads, to_float)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -389,8 +388,7 @@ def train(args, on_step=None):
         f"of {micro}, {args.dtype}")
     if args.compile:
         model.compile()
-    ddp = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = ddp_wrap(model, device, world)
 
     def save():
         atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
@@ -413,7 +411,7 @@ def train(args, on_step=None):
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros(1, device=device)
         for k, sel in enumerate(shares):
-            with ddp.no_sync() if world > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext():
+            with sync_grads(ddp, last=k == cfg.grad_accum - 1):
                 with amp:
                     l = diffusion.loss(ddp, x_all[idx[sel].to(device)], cfg.min_snr_gamma,  # (micro, C_z, H_z, W_z)
                                        t[sel].to(device), eps[sel].to(device))
