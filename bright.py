@@ -546,10 +546,22 @@ def read_checkpoint(path, kind, hint="train one first"):
 def load_checkpoint(path, device="cpu"):
     """-> (model with the EMA weights, in eval mode; Config; the raw checkpoint dict)"""
     ckpt = read_checkpoint(path, "bright")
-    cfg = Config(**ckpt["config"])
+    try:
+        cfg = Config(**ckpt["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path!r} has a config this bright.py cannot build ({str(e).splitlines()[0][:100]})")
     model = BRIGHT(cfg)
-    model.load_state_dict(ckpt["ema"])
+    load_weights(model, ckpt["ema"], path)
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
+
+
+def load_weights(module, state, path):
+    """load_state_dict, or one error line when the weights do not fit the module (a checkpoint
+    written by another version of the model)"""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        fail(f"{path!r} does not fit this bright.py ({' '.join(str(e).split())[:160]})")
 
 
 def ema_update(ema, model, decay):
@@ -721,7 +733,7 @@ def train(args, on_step=None):
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc else None
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
+        load_weights(model, ckpt["model"], path); load_weights(ema, ckpt["ema"], path)
         opt.load_state_dict(ckpt["optimizer"]); step = ckpt["step"]
         if disc:
             disc.load_state_dict(ckpt["disc"]); d_opt.load_state_dict(ckpt["disc_optimizer"])

@@ -380,8 +380,13 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     assert codes["codes"].shape == (12, 4, 4, 4) and codes["val_codes"].shape == (4, 4, 4, 4)
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
+    # weights of another version of the model (a renamed layer): one line, not a load_state_dict trace
+    old = torch.load(ck, weights_only=True)
+    for k in ("model", "ema"):
+        old[k] = {n.replace("to_key.", "encoder.99."): v for n, v in old[k].items()}
+    torch.save(old, tmp_path / "old.pt")
     for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright file"),
-                     (tmp_path / "junk.pt", "not a readable checkpoint")]:
+                     (tmp_path / "junk.pt", "not a readable checkpoint"), (tmp_path / "old.pt", "does not fit")]:
         with pytest.raises(SystemExit, match=msg):
             run("eval", "--ckpt", bad, "--data", data16)
 
