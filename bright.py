@@ -174,6 +174,7 @@ class Config:
     ema_decay: float = 0.998
     l1_weight: float = 0.0
     gan_weight: float = 0.0         # > 0 adds a patch-GAN term (off by default)
+    gan_start: int = 0              # the GAN term from this iteration on: reconstruction first (VQGAN's disc_start)
     max_iters: int = 3000
     eval_every: int = 500
     seed: int = 0
@@ -774,7 +775,7 @@ def train(args, on_step=None):
             g["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.max_iters)) / 2)
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(2, device=device)  # loss, psnr: means over this rank's share of the batch
-        fakes = []
+        fakes, gan = [], disc is not None and step >= cfg.gan_start
         for k, sel in enumerate(shares):
             x = to_float(train_x[idx[sel]]).to(device)
             with sync_grads(ddp, last=k == cfg.grad_accum - 1):
@@ -782,16 +783,16 @@ def train(args, on_step=None):
                     y, _, aux = ddp(x, None if cfg.bottleneck == "vq" else noise[sel].to(device))
                     y = y.float()
                     loss = F.mse_loss(y, x) + cfg.l1_weight * (y - x).abs().mean() + aux
-                    if disc:  # non-saturating GAN loss; through the unwrapped D, whose grads are reset below
+                    if gan:  # non-saturating GAN loss; through the unwrapped D, whose grads are reset below
                         loss = loss + cfg.gan_weight * F.softplus(-disc(y)).mean()
                 (loss / cfg.grad_accum).backward()
             stats[0] += loss.detach() / cfg.grad_accum
             stats[1] += psnr(y.detach(), x).mean() / cfg.grad_accum
-            if disc:
+            if gan:
                 fakes.append((y.detach(), x))
         opt.step()
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        if disc:
+        if gan:
             d_opt.zero_grad(set_to_none=True)
             for k, (y, x) in enumerate(fakes):
                 with sync_grads(ddisc, last=k == len(fakes) - 1):

@@ -360,6 +360,19 @@ def test_train_checkpoint_and_exact_resume(micro, data16, tmp_path):
     assert cfg == Config(**MICRO, max_iters=6) and not m.training
 
 
+def test_gan_term_starts_at_gan_start(micro, data16, tmp_path):
+    """before gan_start the GAN run takes exactly the steps of a run without it; from then on
+    the adversarial term changes them"""
+    def weights(name, *flags):
+        run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / name, "--max-iters", 3, *flags)
+        return torch.load(tmp_path / name / "bright.pt", weights_only=True)["model"]
+    plain = weights("plain")
+    late = weights("late", "--gan-weight", "0.5", "--set", '{"gan_start": 3}')
+    early = weights("early", "--gan-weight", "0.5", "--set", '{"gan_start": 2}')
+    assert all(torch.equal(plain[k], late[k]) for k in plain)
+    assert not all(torch.equal(plain[k], early[k]) for k in plain)
+
+
 def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     out = tmp_path / "o"
     run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
