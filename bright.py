@@ -562,7 +562,7 @@ def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        fail(f"{path!r} does not fit this bright.py ({' '.join(str(e).split())[:160]})")
+        fail(f"{path!r} does not fit this code's {type(module).__name__} ({' '.join(str(e).split())[:160]})")
 
 
 def ema_update(ema, model, decay):
@@ -737,7 +737,7 @@ def train(args, on_step=None):
         load_weights(model, ckpt["model"], path); load_weights(ema, ckpt["ema"], path)
         opt.load_state_dict(ckpt["optimizer"]); step = ckpt["step"]
         if disc:
-            disc.load_state_dict(ckpt["disc"]); d_opt.load_state_dict(ckpt["disc_optimizer"])
+            load_weights(disc, ckpt["disc"], path); d_opt.load_state_dict(ckpt["disc_optimizer"])
         say(f"resuming {path} at step {step}")
     n_tab = model.tables.numel() if cfg.bottleneck == "hash" else 0
     say(f"model: {sum(p.numel() for p in model.parameters()) - n_tab:,} network + {n_tab:,} table parameters, "

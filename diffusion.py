@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, ddp_wrap, ema_update,
-                    encode_images, fail, load_checkpoint, load_dataset, pick_device, read_checkpoint, save_grid,
-                    setup_distributed, step_stats, sync_grads, to_float)
+                    encode_images, fail, load_checkpoint, load_dataset, load_weights, pick_device, read_checkpoint,
+                    save_grid, setup_distributed, step_stats, sync_grads, to_float)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -313,10 +313,10 @@ def load_ddpm(path, device):
     ckpt = read_checkpoint(path, "ddpm", "train one first: python diffusion.py train")
     try:
         cfg = DiffusionConfig(**ckpt["config"])
-        model = UNet(cfg)
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        fail(f"{path!r} does not fit this diffusion.py ({str(e).splitlines()[0][:100]})")
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path!r} has a config this diffusion.py cannot build ({str(e).splitlines()[0][:100]})")
+    model = UNet(cfg)
+    load_weights(model, ckpt["ema"], path)
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
 
 
@@ -380,7 +380,7 @@ def train(args, on_step=None):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
+        load_weights(model, ckpt["model"], path); load_weights(ema, ckpt["ema"], path)
         opt.load_state_dict(ckpt["optimizer"]); step = ckpt["step"]
         say(f"resuming {path} at step {step}")
     say(f"UNet: {sum(p.numel() for p in model.parameters()):,} parameters, width {cfg.width}, "
