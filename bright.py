@@ -547,13 +547,19 @@ def read_checkpoint(path, kind, hint="train one first"):
 def load_checkpoint(path, device="cpu"):
     """-> (model with the EMA weights, in eval mode; Config; the raw checkpoint dict)"""
     ckpt = read_checkpoint(path, "bright")
-    try:
-        cfg = Config(**ckpt["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"{path!r} has a config this bright.py cannot build ({str(e).splitlines()[0][:100]})")
+    cfg = config_from(Config, ckpt, path)
     model = BRIGHT(cfg)
     load_weights(model, ckpt["ema"], path)
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
+
+
+def config_from(cls, ckpt, path, **overrides):
+    """cls(**ckpt["config"], **overrides), or one error line when the stored config does not
+    build (a checkpoint written by another version of the code)"""
+    try:
+        return cls(**{**ckpt["config"], **overrides})
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path!r} has a config this code's {cls.__name__} cannot build ({str(e).splitlines()[0][:100]})")
 
 
 def load_weights(module, state, path):

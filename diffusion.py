@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, ddp_wrap, ema_update,
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, config_from, ddp_wrap, ema_update,
                     encode_images, fail, load_checkpoint, load_dataset, load_weights, pick_device, read_checkpoint,
                     save_grid, setup_distributed, step_stats, sync_grads, to_float)
 
@@ -311,10 +311,7 @@ def load_bright(path, device, cfg=None):
 def load_ddpm(path, device):
     """-> (the EMA UNet in eval mode, its config, the raw checkpoint)"""
     ckpt = read_checkpoint(path, "ddpm", "train one first: python diffusion.py train")
-    try:
-        cfg = DiffusionConfig(**ckpt["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"{path!r} has a config this diffusion.py cannot build ({str(e).splitlines()[0][:100]})")
+    cfg = config_from(DiffusionConfig, ckpt, path)
     model = UNet(cfg)
     load_weights(model, ckpt["ema"], path)
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
@@ -358,7 +355,7 @@ def train(args, on_step=None):
     N, C, H, _ = codes.shape
     if ckpt:
         keep = {k: v for k, v in [("max_iters", args.max_iters), ("grad_accum", args.grad_accum)] if v}
-        cfg = DiffusionConfig(**{**ckpt["config"], **keep})
+        cfg = config_from(DiffusionConfig, ckpt, path, **keep)
         check_codes(codes, "the training codes", cfg)
     else:
         cfg = make_config(args.preset, z_channels=C, z_size=H, max_iters=args.max_iters,

@@ -398,8 +398,12 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     for k in ("model", "ema"):
         old[k] = {n.replace("to_key.", "encoder.99."): v for n, v in old[k].items()}
     torch.save(old, tmp_path / "old.pt")
+    newer = torch.load(ck, weights_only=True)       # a config field this code does not know
+    newer["config"]["future_field"] = 1
+    torch.save(newer, tmp_path / "newer.pt")
     for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright file"),
-                     (tmp_path / "junk.pt", "not a readable checkpoint"), (tmp_path / "old.pt", "does not fit")]:
+                     (tmp_path / "junk.pt", "not a readable checkpoint"), (tmp_path / "old.pt", "does not fit"),
+                     (tmp_path / "newer.pt", "Config cannot build .*future_field")]:
         with pytest.raises(SystemExit, match=msg):
             run("eval", "--ckpt", bad, "--data", data16)
 
