@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -327,6 +328,26 @@ def test_loader_errors(tmp_path, setup, msg):
     setup(d)
     with pytest.raises(SystemExit, match=msg):
         bright.load_dataset(str(d), 16)
+
+
+def test_shapes_generator_options():
+    """data/shapes/prepare.py: an image depends only on (seed, split, i); --solid gives one
+    background colour (the four corners agree unless a shape covers one), the default set has
+    gradients; --max-shapes 1 draws one shape (two distinct colours cover nearly every pixel)"""
+    spec = importlib.util.spec_from_file_location("shapes_prepare", os.path.join(
+        os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes", "prepare.py"))
+    shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes)
+    img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, **kw)).reshape(-1, 3)
+    assert (img(3) == img(3)).all() and not (img(3) == img(4)).all()
+    corners = lambda x: len({tuple(x[k]) for k in (0, 63, 64 * 63, 64 * 64 - 1)})
+    assert sum(corners(img(i, max_shapes=1, gradients=False)) == 1 for i in range(20)) >= 17
+    assert sum(corners(img(i)) > 1 for i in range(20)) >= 5          # half the backgrounds are gradients
+    for i in range(20):
+        _, counts = np.unique(img(i, max_shapes=1, gradients=False), axis=0, return_counts=True)
+        # the rest is the shape's antialiased edge: at most a ~3 px band (Lanczos) around a
+        # perimeter of at most ~120 px, under 10% of the 64x64 pixels
+        assert np.sort(counts)[-2:].sum() >= 0.8 * 64 * 64
 
 
 # ----------------------------------------------------------------------------- training and commands

@@ -1,10 +1,14 @@
 """
-A small procedural dataset for quick experiments without any download: coloured shapes
-(ellipses, rectangles, triangles, possibly rotated) on a solid or linear-gradient
+A small procedural dataset for quick experiments without any download: one to three coloured
+shapes (ellipses, rectangles, triangles, rotated at random) on a solid or linear-gradient
 background. Images are flat and smooth on purpose, so a small autoencoder can learn to
 reconstruct them well within minutes.
 
     python data/shapes/prepare.py [--n-train 4000] [--n-val 200] [--size 64] [--seed 0] [--root DIR]
+                                  [--max-shapes 3] [--solid]
+
+--max-shapes 1 --solid gives a simpler set, one shape on a solid colour (BENCHMARKS.md uses it
+to ask whether simpler images let a small DDPM draw recognisable shapes).
 
 writes root/train/00000.png ... and root/val/00000.png ... (root defaults to this folder).
 Image i of a split depends only on (seed, split, i), so train image 17 is the same
@@ -30,11 +34,12 @@ def random_colour(rng, sat, val):
     return (round(r * 255), round(g * 255), round(b * 255))
 
 
-def background(rng, s):
-    """An s x s RGB array: a solid colour, or a linear gradient between two colours."""
+def background(rng, s, gradients=True):
+    """An s x s RGB array: a solid colour or, if gradients, half the time a linear gradient
+    between two colours"""
     # muted colours, so that the saturated shapes usually stand out against them
     c0 = np.array(random_colour(rng, (0.0, 0.6), (0.15, 0.95)), dtype=np.float32)
-    if rng.random() < 0.5:
+    if not gradients or rng.random() < 0.5:
         return np.broadcast_to(c0, (s, s, 3)).astype(np.uint8)
     c1 = np.array(random_colour(rng, (0.0, 0.6), (0.15, 0.95)), dtype=np.float32)
     theta = rng.uniform(0, 2 * np.pi)
@@ -65,13 +70,13 @@ def shape_polygon(rng, s):
     return list(zip((cx + c * x - sn * y).tolist(), (cy + sn * x + c * y).tolist()))
 
 
-def make_image(seed, split, i, size):
+def make_image(seed, split, i, size, max_shapes=3, gradients=True):
     """Image i of a split; its own generator makes it independent of how many are drawn."""
     rng = np.random.default_rng([seed, split, i])
     s = size * SUPERSAMPLE
-    img = Image.fromarray(background(rng, s))
+    img = Image.fromarray(background(rng, s, gradients))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(1, 4)):  # 1-3 shapes, later ones on top
+    for _ in range(rng.integers(1, max_shapes + 1)):  # 1..max_shapes shapes, later ones on top
         draw.polygon(shape_polygon(rng, s), fill=random_colour(rng, (0.65, 1.0), (0.7, 1.0)))
     return img.resize((size, size), Image.LANCZOS)
 
@@ -82,7 +87,7 @@ def is_prepared(root=os.path.dirname(os.path.abspath(__file__))):
 
 
 def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val=200, size=64,
-            seed=0, quiet=False):
+            seed=0, max_shapes=3, gradients=True, quiet=False):
     t0 = time.time()
     # drop the marker first and start from empty folders, so that a half-written run, or
     # images left over from an earlier larger one, can never pass for a complete dataset
@@ -95,9 +100,10 @@ def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val
         os.makedirs(d)
         digits = max(5, len(str(n - 1)))
         for i in range(n):
-            make_image(seed, split_id, i, size).save(os.path.join(d, f"{i:0{digits}d}.png"))
+            make_image(seed, split_id, i, size, max_shapes, gradients).save(os.path.join(d, f"{i:0{digits}d}.png"))
     with open(os.path.join(root, MARKER), "w") as f:
-        json.dump(dict(n_train=n_train, n_val=n_val, size=size, seed=seed), f)
+        json.dump(dict(n_train=n_train, n_val=n_val, size=size, seed=seed, max_shapes=max_shapes,
+                       gradients=gradients), f)
     if not quiet:
         print(f"wrote {n_train} train + {n_val} val images of {size}x{size} to {root} "
               f"in {time.time() - t0:.1f}s")
@@ -109,7 +115,11 @@ if __name__ == "__main__":
     ap.add_argument("--n-val", type=int, default=200)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-shapes", type=int, default=3, help="1 to this many shapes per image")
+    ap.add_argument("--solid", action="store_true", help="solid backgrounds only (no gradients)")
     ap.add_argument("--root", default=os.path.dirname(os.path.abspath(__file__)),
                     help="output folder; its train/ and val/ are replaced")
     a = ap.parse_args()
-    prepare(a.root, a.n_train, a.n_val, a.size, a.seed)
+    if a.max_shapes < 1:
+        ap.error("--max-shapes must be at least 1")
+    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, not a.solid)
