@@ -69,12 +69,13 @@ class Diffusion:
         return (self.snr[t].clamp(max=gamma) / self.snr[t] * err).mean()
 
     def predict(self, model, x, t):
-        """-> (x0_hat clipped to [-1, 1], the eps consistent with it). x0_hat is eq. 4 solved for
-        x_0 (DDIM eq. 9); eps is recomputed from the clipped x0_hat so that the step moves to it."""
+        """-> (x0_hat clipped to [-1, 1], the predicted eps). x0_hat is eq. 4 solved for x_0 (DDIM
+        eq. 9). eps stays the model's: recomputing it from the clipped x0_hat would carry what the
+        clipping removed into x_s, and early, noisy steps would then push samples to the bounds
+        (measured in BENCHMARKS.md, "DDIM and clipping")."""
         a = self.abar64[t].item()
         eps = model(x, torch.full((len(x),), t, device=x.device))
-        x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
-        return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        return ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1), eps
 
     @torch.no_grad()
     def ddpm_sample(self, model, shape, device, generator=None):

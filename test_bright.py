@@ -1038,6 +1038,24 @@ def test_ddim_eta0_is_deterministic_for_a_seed():
     assert not torch.allclose(run(0, 1.0), a)
 
 
+def test_ddim_step_moves_with_the_predicted_noise():
+    """DDIM eq. 12 with eta = 0, written out: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_theta(x_t),
+    x0_hat clipped to [-1, 1] but eps_theta the model's own output (recomputing eps from the
+    clipped x0_hat would carry the clipped-off part into x_s). The model here overshoots at
+    t = T (clipped) and not later, so that the two readings give different samples."""
+    d = diffusion.Diffusion(T)
+    model = lambda x, t: torch.full_like(x, 0.3) if t[0] == T else 0.5 * x
+    x = d.ddim_sample(model, (4, 3, 4, 4), "cpu", 4, 0.0, torch.Generator().manual_seed(0))
+    ref = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))   # the sampler's x_T
+    ts = d.ddim_timesteps(4)
+    for t, s in zip(ts, ts[1:] + [0]):
+        a, a_s = d.abar64[t].item(), d.abar64[s].item()
+        eps = model(ref, torch.tensor([t]))
+        x0 = ((ref - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        ref = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+    assert torch.allclose(x, ref, atol=1e-6)
+
+
 def oracle(d, x0):
     """eps_theta that returns the noise actually in x_t: eq. 4 solved for eps, given the true x0"""
     def f(x, t):
