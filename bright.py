@@ -421,11 +421,17 @@ def to_float(x):
     return x.float() / 127.5 - 1
 
 
-def prepare_shapes(root=DEFAULT_DATA):
-    """python bright.py train with no --data: build the procedural shapes set if missing."""
+def shapes_module(root=DEFAULT_DATA):
+    """data/shapes/prepare.py as a module (a script in a data folder, not a package)"""
     spec = importlib.util.spec_from_file_location("shapes_prepare", os.path.join(root, "prepare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def prepare_shapes(root=DEFAULT_DATA):
+    """python bright.py train with no --data: build the procedural shapes set if missing."""
+    mod = shapes_module(root)
     if not mod.is_prepared(root):
         print(f"preparing the shapes dataset in {root} (once)")
         mod.prepare(root)

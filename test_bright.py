@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -334,10 +333,7 @@ def test_shapes_generator_options():
     """data/shapes/prepare.py: an image depends only on (seed, split, i); --solid gives one
     background colour (the four corners agree unless a shape covers one), the default set has
     gradients; --max-shapes 1 draws one shape (two distinct colours cover nearly every pixel)"""
-    spec = importlib.util.spec_from_file_location("shapes_prepare", os.path.join(
-        os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes", "prepare.py"))
-    shapes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shapes)
+    shapes = bright.shapes_module(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes"))
     img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, **kw)).reshape(-1, 3)
     assert (img(3) == img(3)).all() and not (img(3) == img(4)).all()
     corners = lambda x: len({tuple(x[k]) for k in (0, 63, 64 * 63, 64 * 64 - 1)})
