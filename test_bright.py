@@ -346,6 +346,29 @@ def test_shapes_generator_options():
         assert np.sort(counts)[-2:].sum() >= 0.8 * 64 * 64
 
 
+def test_shapes_generator_rotation_and_radius():
+    """--no-rotate keeps shapes axis-aligned: an axis-aligned rectangle fills its bounding box
+    (ratio 1), a rotated one at most ~0.9 (ellipses ~0.79, triangles <= 0.5 either way);
+    --radius scales the shapes; both draw the same random numbers, so the colours stay put"""
+    shapes = bright.shapes_module(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes"))
+    img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, max_shapes=1, gradients=False, **kw)).astype(int)
+
+    def mask(i, **kw):                           # the shape's pixels: far from the background colour
+        x = img(i, **kw)
+        return np.abs(x - x[0, 0]).sum(-1) > 30
+
+    def box_fill(m):
+        ys, xs = np.nonzero(m)
+        return m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+
+    ids = [i for i in range(30) if not mask(i)[0, 0] and not mask(i, rotate=False)[0, 0]]
+    assert sum(box_fill(mask(i, rotate=False)) >= 0.97 for i in ids) >= 3   # the axis-aligned rectangles
+    assert sum(box_fill(mask(i)) >= 0.97 for i in ids) == 0
+    assert (img(5)[0, 0] == img(5, rotate=False)[0, 0]).all()
+    area = lambda **kw: np.mean([mask(i, **kw).sum() for i in ids])
+    assert area(radius=(0.2, 0.35)) > 1.3 * area()                    # (0.275 / 0.21)^2 = 1.7 in area
+
+
 # ----------------------------------------------------------------------------- training and commands
 
 def run(*argv):

@@ -5,10 +5,11 @@ background. Images are flat and smooth on purpose, so a small autoencoder can le
 reconstruct them well within minutes.
 
     python data/shapes/prepare.py [--n-train 4000] [--n-val 200] [--size 64] [--seed 0] [--root DIR]
-                                  [--max-shapes 3] [--solid]
+                                  [--max-shapes 3] [--solid] [--radius 0.12 0.3] [--no-rotate]
 
---max-shapes 1 --solid gives a simpler set, one shape on a solid colour (BENCHMARKS.md uses it
-to ask whether simpler images let a small DDPM draw recognisable shapes).
+--max-shapes 1 --solid gives a simpler set, one shape on a solid colour; --radius and --no-rotate
+set the shapes' size and keep them axis-aligned (BENCHMARKS.md uses them to ask which images a
+small DDPM can learn to draw).
 
 writes root/train/00000.png ... and root/val/00000.png ... (root defaults to this folder).
 Image i of a split depends only on (seed, split, i), so train image 17 is the same
@@ -49,11 +50,12 @@ def background(rng, s, gradients=True):
     return (c0 * (1 - t) + c1 * t + 0.5).astype(np.uint8)
 
 
-def shape_polygon(rng, s):
-    """Vertices of one random shape, in pixels of an s x s canvas."""
+def shape_polygon(rng, s, radius=(0.12, 0.3), rotate=True):
+    """Vertices of one random shape, in pixels of an s x s canvas; radius: the range of its rough
+    radius as a fraction of s; rotate=False keeps it axis-aligned (the same numbers are drawn)."""
     cx, cy = rng.uniform(0.15, 0.85, size=2) * s
-    r = rng.uniform(0.12, 0.3) * s  # rough radius
-    angle = rng.uniform(0, 2 * np.pi)
+    r = rng.uniform(*radius) * s  # rough radius
+    angle = rng.uniform(0, 2 * np.pi) if rotate else 0.0 * rng.uniform()  # drawn either way: same stream
     kind = rng.integers(3)
     if kind == 0:  # ellipse (a circle when the axes happen to be close)
         a = np.linspace(0, 2 * np.pi, 96, endpoint=False)
@@ -70,14 +72,14 @@ def shape_polygon(rng, s):
     return list(zip((cx + c * x - sn * y).tolist(), (cy + sn * x + c * y).tolist()))
 
 
-def make_image(seed, split, i, size, max_shapes=3, gradients=True):
+def make_image(seed, split, i, size, max_shapes=3, gradients=True, radius=(0.12, 0.3), rotate=True):
     """Image i of a split; its own generator makes it independent of how many are drawn."""
     rng = np.random.default_rng([seed, split, i])
     s = size * SUPERSAMPLE
     img = Image.fromarray(background(rng, s, gradients))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, max_shapes + 1)):  # 1..max_shapes shapes, later ones on top
-        draw.polygon(shape_polygon(rng, s), fill=random_colour(rng, (0.65, 1.0), (0.7, 1.0)))
+        draw.polygon(shape_polygon(rng, s, radius, rotate), fill=random_colour(rng, (0.65, 1.0), (0.7, 1.0)))
     return img.resize((size, size), Image.LANCZOS)
 
 
@@ -87,7 +89,7 @@ def is_prepared(root=os.path.dirname(os.path.abspath(__file__))):
 
 
 def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val=200, size=64,
-            seed=0, max_shapes=3, gradients=True, quiet=False):
+            seed=0, max_shapes=3, gradients=True, radius=(0.12, 0.3), rotate=True, quiet=False):
     t0 = time.time()
     # drop the marker first and start from empty folders, so that a half-written run, or
     # images left over from an earlier larger one, can never pass for a complete dataset
@@ -100,10 +102,10 @@ def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val
         os.makedirs(d)
         digits = max(5, len(str(n - 1)))
         for i in range(n):
-            make_image(seed, split_id, i, size, max_shapes, gradients).save(os.path.join(d, f"{i:0{digits}d}.png"))
+            make_image(seed, split_id, i, size, max_shapes, gradients, radius, rotate).save(os.path.join(d, f"{i:0{digits}d}.png"))
     with open(os.path.join(root, MARKER), "w") as f:
         json.dump(dict(n_train=n_train, n_val=n_val, size=size, seed=seed, max_shapes=max_shapes,
-                       gradients=gradients), f)
+                       gradients=gradients, radius=list(radius), rotate=rotate), f)
     if not quiet:
         print(f"wrote {n_train} train + {n_val} val images of {size}x{size} to {root} "
               f"in {time.time() - t0:.1f}s")
@@ -117,9 +119,14 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shapes", type=int, default=3, help="1 to this many shapes per image")
     ap.add_argument("--solid", action="store_true", help="solid backgrounds only (no gradients)")
+    ap.add_argument("--radius", type=float, nargs=2, default=(0.12, 0.3), metavar=("LO", "HI"),
+                    help="range of a shape's rough radius, as a fraction of the image size")
+    ap.add_argument("--no-rotate", action="store_true", help="axis-aligned shapes only")
     ap.add_argument("--root", default=os.path.dirname(os.path.abspath(__file__)),
                     help="output folder; its train/ and val/ are replaced")
     a = ap.parse_args()
     if a.max_shapes < 1:
         ap.error("--max-shapes must be at least 1")
-    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, not a.solid)
+    if not 0 < a.radius[0] <= a.radius[1] <= 0.5:
+        ap.error("--radius LO HI needs 0 < LO <= HI <= 0.5")
+    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, not a.solid, tuple(a.radius), not a.no_rotate)
