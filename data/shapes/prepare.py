@@ -55,7 +55,9 @@ def shape_polygon(rng, s, radius=(0.12, 0.3), rotate=True):
     radius as a fraction of s; rotate=False keeps it axis-aligned (the same numbers are drawn)."""
     cx, cy = rng.uniform(0.15, 0.85, size=2) * s
     r = rng.uniform(*radius) * s  # rough radius
-    angle = rng.uniform(0, 2 * np.pi) if rotate else 0.0 * rng.uniform()  # drawn either way: same stream
+    angle = rng.uniform(0, 2 * np.pi)  # drawn even when unused, so every later draw stays the same
+    if not rotate:
+        angle = 0.0
     kind = rng.integers(3)
     if kind == 0:  # ellipse (a circle when the axes happen to be close)
         a = np.linspace(0, 2 * np.pi, 96, endpoint=False)
