@@ -329,11 +329,16 @@ def test_loader_errors(tmp_path, setup, msg):
         bright.load_dataset(str(d), 16)
 
 
+def shapes_generator():
+    """data/shapes/prepare.py of this checkout, as a module"""
+    return bright.shapes_module(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes"))
+
+
 def test_shapes_generator_options():
     """data/shapes/prepare.py: an image depends only on (seed, split, i); --solid gives one
     background colour (the four corners agree unless a shape covers one), the default set has
     gradients; --max-shapes 1 draws one shape (two distinct colours cover nearly every pixel)"""
-    shapes = bright.shapes_module(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes"))
+    shapes = shapes_generator()
     img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, **kw)).reshape(-1, 3)
     assert (img(3) == img(3)).all() and not (img(3) == img(4)).all()
     corners = lambda x: len({tuple(x[k]) for k in (0, 63, 64 * 63, 64 * 64 - 1)})
@@ -350,7 +355,7 @@ def test_shapes_generator_rotation_and_radius():
     """--no-rotate keeps shapes axis-aligned: an axis-aligned rectangle fills its bounding box
     (ratio 1), a rotated one at most ~0.9 (ellipses ~0.79, triangles <= 0.5 either way);
     --radius scales the shapes; both draw the same random numbers, so the colours stay put"""
-    shapes = bright.shapes_module(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "shapes"))
+    shapes = shapes_generator()
     img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, max_shapes=1, gradients=False, **kw)).astype(int)
 
     def mask(i, **kw):                           # the shape's pixels: far from the background colour
