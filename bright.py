@@ -145,8 +145,8 @@ class VectorQuantizer(nn.Module):
 @dataclass
 class Config:
     image_size: int = 64
-    z_size: int = 8                 # key codes are (C_z, z_size, z_size)
-    z_channels: int = 8             # C_z
+    z_size: int = 16                # key codes are (C_z, z_size, z_size)
+    z_channels: int = 4             # C_z
     c_key: int = 1                  # C_key: key channels per group; groups N_h = C_z / C_key
     levels: int = 8                 # L
     features: int = 2               # F
@@ -156,7 +156,7 @@ class Config:
     feat_size: int = 16             # H_d = W_d of the feature map f
     c_d: int = 64                   # C_d channels of f
     head_hidden: int = 32           # hidden width of each group's MLP
-    enc_widths: tuple = (16, 32, 64, 128)   # one per encoder resolution (len = downsamplings + 1)
+    enc_widths: tuple = (16, 32, 64)  # one per encoder resolution (len = downsamplings + 1)
     dec_widths: tuple = (64, 48, 32)  # one per decoder resolution, feat_size up to image_size
     style_dim: int = 64
     # the bottleneck: "hash" (BRIGHT) or "vq" (the baseline: C_z-wide encoder vectors snapped
@@ -210,8 +210,8 @@ class Config:
 
 
 PRESETS = {
-    # fits a 2-core CPU: 64^2 shapes, key codes 8x8x8, 8 groups of 3-D grids; batch 8, a
-    # decaying lr and a shorter EMA: ~27 dB in 10 minutes (batch 16, constant lr: 26.6 in 13)
+    # fits a 2-core CPU: 64^2 shapes, key codes 16x16x4 (the Config defaults), 4 groups of 3-D
+    # grids; batch 8, a decaying lr and a shorter EMA: ~30 dB in 8 minutes on the default shapes
     "tiny": dict(batch_size=8, max_iters=4400, lr_final=0.1, ema_decay=0.995),
     # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18
     "ffhq256": dict(image_size=256, z_size=16, z_channels=16, levels=16, features=4,
@@ -225,6 +225,17 @@ PRESETS = {
                       head_hidden=128, enc_widths=(32, 64, 128), dec_widths=(512, 256, 128),
                       style_dim=512, ema_decay=0.999, max_iters=400_000, eval_every=5000),
 }
+
+
+def parse_set(text):
+    """--set '{"lr": 0.001}': other config fields as a JSON object"""
+    try:
+        extra = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        fail(f"--set is not valid JSON ({e})")
+    if not isinstance(extra, dict):
+        fail(f"--set takes a JSON object of config fields, e.g. '{{\"lr\": 0.001}}', not {text}")
+    return extra
 
 
 def make_config(preset="tiny", **overrides):
@@ -435,6 +446,10 @@ def prepare_shapes(root=DEFAULT_DATA):
     if not mod.is_prepared(root):
         print(f"preparing the shapes dataset in {root} (once)")
         mod.prepare(root)
+    elif not mod.is_prepared(root, **mod.SIMPLE):
+        print(f"note: {root} holds a shapes set made with other settings than the default "
+              f"({os.path.join(root, mod.MARKER)}); training on it as it is "
+              f"(python {os.path.join(root, 'prepare.py')} rebuilds the default)")
 
 
 def save_grid(images, path, nrow=8):
@@ -707,6 +722,8 @@ def train(args, on_step=None):
     path = os.path.join(out, "bright.pt")
     ckpt = None
     if args.resume:
+        if args.set:
+            fail("--set applies to a new run; a resumed run keeps its checkpoint's config")
         ckpt = read_checkpoint(path, "bright")
         keep = {k: v for k, v in [("max_iters", args.max_iters), ("grad_accum", args.grad_accum)] if v}
         try:
@@ -718,12 +735,8 @@ def train(args, on_step=None):
     else:
         if os.path.exists(path):
             fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
-        try:
-            extra = json.loads(args.set or "{}")
-        except json.JSONDecodeError as e:
-            fail(f"--set is not valid JSON ({e})")
         cfg = make_config(args.preset or "tiny", max_iters=args.max_iters, batch_size=args.batch_size,
-                          bottleneck=args.bottleneck, grad_accum=args.grad_accum, **extra,
+                          bottleneck=args.bottleneck, grad_accum=args.grad_accum, **parse_set(args.set),
                           l1_weight=args.l1_weight, gan_weight=args.gan_weight, seed=args.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")

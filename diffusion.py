@@ -17,7 +17,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, config_from, ddp_wrap, ema_update,
-                    encode_images, fail, load_checkpoint, load_dataset, load_weights, pick_device, read_checkpoint,
+                    encode_images, fail, load_checkpoint, load_dataset, load_weights, parse_set, pick_device, read_checkpoint,
                     save_grid, setup_distributed, step_stats, sync_grads, to_float)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
@@ -184,10 +184,10 @@ def upsample(c):
 
 @dataclass
 class DiffusionConfig:
-    z_channels: int = 8            # C_z and H_z = W_z of the key codes (train sets them from the codes)
-    z_size: int = 8
-    width: int = 48                # UNet channels at the first resolution
-    mults: tuple = (1, 2)          # channels = width * mult per resolution, each half the last
+    z_channels: int = 4            # C_z and H_z = W_z of the key codes (train sets them from the codes)
+    z_size: int = 16
+    width: int = 32                # UNet channels at the first resolution
+    mults: tuple = (1, 2, 2)       # channels = width * mult per resolution, each half the last
     num_res_blocks: int = 1        # per resolution on the way down (one more on the way up)
     attn_lowest: int = 1           # self-attention at this many of the lowest resolutions
     dropout: float = 0.0
@@ -216,7 +216,8 @@ class DiffusionConfig:
 
 
 PRESETS = {
-    # 8x8x8 key codes of the shapes data (BRIGHT's tiny preset), on 2 CPU cores in ~10 minutes
+    # 16x16x4 key codes of the shapes data (BRIGHT's tiny preset), on 2 CPU cores in ~10 minutes:
+    # width 32 over three resolutions (16, 8, 4), attention at 4x4
     "tiny": {},
     # BRIGHT's diffusion model, for 16x16x16 key codes on a GPU: width 128, mults (1, 2, 2, 4),
     # attention at the two lowest resolutions, lr 1e-4
@@ -229,6 +230,9 @@ PRESETS = {
 def make_config(preset="tiny", **overrides):
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in fields(DiffusionConfig)}
+    if unknown:
+        fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
     try:
         return DiffusionConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as e:
@@ -335,6 +339,8 @@ def train(args, on_step=None):
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.data and args.codes:
         fail("pass --data or --codes, not both")
+    if args.resume and args.set:
+        fail("--set applies to a new run; a resumed run keeps its checkpoint's config")
     path = os.path.join(args.out, "ddpm.pt")
     ckpt = read_checkpoint(path, "ddpm", "nothing to resume") if args.resume else None
     if not ckpt and os.path.exists(path):
@@ -359,8 +365,11 @@ def train(args, on_step=None):
         cfg = config_from(DiffusionConfig, ckpt, path, **keep)
         check_codes(codes, "the training codes", cfg)
     else:
-        cfg = make_config(args.preset, z_channels=C, z_size=H, max_iters=args.max_iters,
-                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed)
+        flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     lr=args.lr, seed=args.seed)
+        # the codes fix C_z and H_z; the flags win over --set, --set over the preset
+        cfg = make_config(args.preset, **{**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None},
+                                          "z_channels": C, "z_size": H})
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     micro = cfg.batch_size // (world * cfg.grad_accum)
@@ -543,6 +552,7 @@ def parser():
     for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
                       ("--seed", int)]:
         t.add_argument(flag, type=typ)
+    t.add_argument("--set", help='other config fields as JSON, e.g. \'{"width": 48, "mults": [1, 2]}\'')
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     t.add_argument("--log-every", type=int, default=100)

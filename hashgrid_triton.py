@@ -511,9 +511,9 @@ def _benchmark():
     global LEVELS_INNER, COORD_GRAD_ATOMIC, BLOCK_POINTS
 
     # (name, images, pixels per side, groups, spec); 'tiny' is the tiny training preset's batch
-    # (16 images, a 16x16 feature map, 8 groups), 'paper' is BRIGHT's grid: D = 3, L = 16,
+    # (8 images, a 16x16 feature map, 4 groups), 'paper' is BRIGHT's grid: D = 3, L = 16,
     # F = 4, T = 2^18, res 16 -> 64, 16 groups, a 64x64 feature map
-    configs = [("tiny", 16, 16, 8, GridSpec(3, 8, 2, 14, 8, 32)),
+    configs = [("tiny", 8, 16, 4, GridSpec(3, 8, 2, 14, 8, 32)),
                ("paper", 16, 64, 16, GridSpec(3, 16, 4, 18, 16, 64))]
     if cuda:
         name = torch.cuda.get_device_name()

@@ -335,26 +335,27 @@ def shapes_generator():
 
 
 def test_shapes_generator_options():
-    """data/shapes/prepare.py: an image depends only on (seed, split, i); --solid gives one
-    background colour (the four corners agree unless a shape covers one), the default set has
-    gradients; --max-shapes 1 draws one shape (two distinct colours cover nearly every pixel)"""
+    """data/shapes/prepare.py: an image depends only on (seed, split, i); the default set is
+    SIMPLE: one shape (two distinct colours cover nearly every pixel) on one background colour
+    (the four corners agree unless the shape covers one); --hard has gradients"""
     shapes = shapes_generator()
     img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, **kw)).reshape(-1, 3)
     assert (img(3) == img(3)).all() and not (img(3) == img(4)).all()
+    assert all((img(i) == img(i, **shapes.SIMPLE)).all() for i in range(5))   # the defaults are SIMPLE
     corners = lambda x: len({tuple(x[k]) for k in (0, 63, 64 * 63, 64 * 64 - 1)})
-    assert sum(corners(img(i, max_shapes=1, gradients=False)) == 1 for i in range(20)) >= 17
-    assert sum(corners(img(i)) > 1 for i in range(20)) >= 5          # half the backgrounds are gradients
+    assert sum(corners(img(i)) == 1 for i in range(20)) >= 17
+    assert sum(corners(img(i, **shapes.HARD)) > 1 for i in range(20)) >= 5   # half the backgrounds are gradients
     for i in range(20):
-        _, counts = np.unique(img(i, max_shapes=1, gradients=False), axis=0, return_counts=True)
+        _, counts = np.unique(img(i), axis=0, return_counts=True)
         # the rest is the shape's antialiased edge: at most a ~3 px band (Lanczos) around a
-        # perimeter of at most ~120 px, under 10% of the 64x64 pixels
+        # perimeter of at most ~180 px, under 20% of the 64x64 pixels
         assert np.sort(counts)[-2:].sum() >= 0.8 * 64 * 64
 
 
 def test_shapes_generator_rotation_and_radius():
-    """--no-rotate keeps shapes axis-aligned: an axis-aligned rectangle fills its bounding box
+    """rotate=False keeps shapes axis-aligned: an axis-aligned rectangle fills its bounding box
     (ratio 1), a rotated one at most ~0.9 (ellipses ~0.79, triangles <= 0.5 either way);
-    --radius scales the shapes; both draw the same random numbers, so the colours stay put"""
+    radius scales the shapes; both draw the same random numbers, so the colours stay put"""
     shapes = shapes_generator()
     img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, max_shapes=1, gradients=False, **kw)).astype(int)
 
@@ -366,12 +367,29 @@ def test_shapes_generator_rotation_and_radius():
         ys, xs = np.nonzero(m)
         return m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
 
-    ids = [i for i in range(30) if not mask(i)[0, 0] and not mask(i, rotate=False)[0, 0]]
-    assert sum(box_fill(mask(i, rotate=False)) >= 0.97 for i in ids) >= 3   # the axis-aligned rectangles
-    assert sum(box_fill(mask(i)) >= 0.97 for i in ids) == 0
-    assert (img(5)[0, 0] == img(5, rotate=False)[0, 0]).all()
+    small = dict(radius=(0.12, 0.3))
+    ids = [i for i in range(30) if not mask(i, rotate=True, **small)[0, 0] and not mask(i, **small)[0, 0]]
+    assert sum(box_fill(mask(i, **small)) >= 0.97 for i in ids) >= 3   # the axis-aligned rectangles
+    assert sum(box_fill(mask(i, rotate=True, **small)) >= 0.97 for i in ids) == 0
+    assert (img(5, rotate=True)[0, 0] == img(5)[0, 0]).all()
     area = lambda **kw: np.mean([mask(i, **kw).sum() for i in ids])
-    assert area(radius=(0.2, 0.35)) > 1.3 * area()                    # (0.275 / 0.21)^2 = 1.7 in area
+    assert area(radius=(0.2, 0.35)) > 1.3 * area(**small)             # (0.275 / 0.21)^2 = 1.7 in area
+
+
+def test_shapes_prepare_records_its_settings(tmp_path):
+    """prepare() writes a marker last with its settings; is_prepared(root, **settings) reads
+    them, so bright.py can tell the default set from another one in data/shapes"""
+    shapes = shapes_generator()
+    assert not shapes.is_prepared(str(tmp_path))
+    shapes.prepare(str(tmp_path), n_train=2, n_val=1, size=16, quiet=True, **shapes.HARD)
+    assert sorted(os.listdir(tmp_path / "train")) == [".complete", "00000.png", "00001.png"]
+    assert shapes.is_prepared(str(tmp_path)) and shapes.is_prepared(str(tmp_path), **shapes.HARD)
+    assert not shapes.is_prepared(str(tmp_path), **shapes.SIMPLE)
+    assert not shapes.is_prepared(str(tmp_path), **{**shapes.HARD, "radius": (0.12, 0.31)})
+    # the command line: --hard sets the defaults, a flag given as well wins
+    subprocess.run([sys.executable, shapes.__file__, "--hard", "--max-shapes", "2", "--n-train", "1", "--n-val", "1",
+                    "--size", "16", "--root", str(tmp_path)], check=True, capture_output=True)
+    assert shapes.is_prepared(str(tmp_path), **{**shapes.HARD, "max_shapes": 2})
 
 
 # ----------------------------------------------------------------------------- training and commands
@@ -426,6 +444,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
         run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
     with pytest.raises(SystemExit, match="another config"):
         run("train", "--preset", "tiny", "--data", data16, "--out", out, "--resume")
+    with pytest.raises(SystemExit, match="keeps its checkpoint's config"):   # --set would be ignored
+        run("train", "--data", data16, "--out", out, "--resume", "--set", '{"lr": 0.01}')
     capsys.readouterr()
     run("eval", "--ckpt", ck, "--data", data16, "--json")
     r = json.loads(capsys.readouterr().out)
@@ -987,7 +1007,8 @@ def small_unet(seed=0, **kw):
     """A small UNet whose output layer is re-initialised at random: a fresh UNet outputs exact
     zeros (zero-init last conv), which would make any sampler test trivially deterministic."""
     torch.manual_seed(seed)
-    cfg = diffusion.make_config("tiny", **{"width": 32, "num_res_blocks": 1, **kw})
+    # 8x8x8 codes and two resolutions: quicker than the tiny preset's 16x16x4 and three
+    cfg = diffusion.make_config("tiny", **{"z_channels": 8, "z_size": 8, "mults": (1, 2), **kw})
     m = diffusion.UNet(cfg)
     torch.nn.init.normal_(m.out[-1].weight, std=0.05)
     return m.eval(), cfg
@@ -1152,7 +1173,7 @@ def test_unet_overfits_a_handful_of_codes():
     the codes get ~3x at best (eps_hat = x_t: 0.87 -> 0.27; the Gaussian-optimal one given the
     codes' mean and variance: 0.27), so 8x needs the UNet to have learnt the codes."""
     torch.manual_seed(0)
-    cfg = diffusion.make_config("tiny", width=32, num_res_blocks=1)
+    cfg = diffusion.make_config("tiny", z_channels=8, z_size=8, mults=(1, 2))
     m, d = diffusion.UNet(cfg), diffusion.Diffusion(T)
     x0 = torch.rand(4, 8, 8, 8).round() * 1.2 - 0.6 + 0.2 * torch.rand(4, 8, 8, 8)    # codes in [-0.6, 0.8]
     g = torch.Generator().manual_seed(1)
@@ -1194,14 +1215,17 @@ def write_shapes(folder, n, size=64, start=0):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 12 + 4 image folder and two BRIGHT checkpoints of one training step: the tiny preset
-    (8x8x8 key codes) and one with 4-channel codes, for the shape-mismatch errors."""
+    with 8x8x8 key codes (a smaller DDPM than 16x16x4, so quicker tests) and one with 4-channel
+    codes, for the shape-mismatch errors."""
     root = tmp_path_factory.mktemp("diff")
     data = root / "data"
     write_shapes(data / "train", 12)
     write_shapes(data / "val", 4, start=50)
-    bright_run("train", "--data", data, "--out", root / "b8", "--max-iters", 1, "--log-every", 1)
+    z8 = '"z_size": 8, "enc_widths": [16, 32, 64, 128]'
+    bright_run("train", "--data", data, "--out", root / "b8", "--max-iters", 1, "--log-every", 1,
+               "--set", '{"z_channels": 8, %s}' % z8)
     bright_run("train", "--data", data, "--out", root / "b4", "--max-iters", 1, "--log-every", 1,
-               "--set", '{"z_channels": 4}')
+               "--set", '{"z_channels": 4, %s}' % z8)
     return root, data, root / "b8" / "bright.pt", root / "b4" / "bright.pt"
 
 
@@ -1271,9 +1295,12 @@ def test_diffusion_ddp_and_grad_accum(world, tmp_path):
 def test_train_from_a_codes_file(world, tmp_path):
     root, data, b8, _ = world
     bright_run("encode", "--ckpt", b8, "--data", data, "--out", tmp_path / "codes.pt")
-    diff_run("train", "--codes", tmp_path / "codes.pt", "--out", tmp_path, "--max-iters", 1, "--batch-size", 2)
+    diff_run("train", "--codes", tmp_path / "codes.pt", "--out", tmp_path, "--max-iters", 1, "--batch-size", 2,
+             "--set", '{"width": 16, "mults": [1, 2], "lr": 0.01, "z_size": 4}', "--lr", 0.002)
     c = torch.load(tmp_path / "ddpm.pt", weights_only=True)
     assert c["bright_ckpt"] == str(b8) and (c["config"]["z_channels"], c["config"]["z_size"]) == (8, 8)
+    # --set reaches the config, a flag wins over it, and the codes over both for their shape
+    assert (c["config"]["width"], c["config"]["mults"], c["config"]["lr"]) == (16, (1, 2), 0.002)
 
 
 def test_bad_inputs(world, tmp_path):
@@ -1295,6 +1322,10 @@ def test_bad_inputs(world, tmp_path):
          r"key codes are \(4, 8, 8\) .* expects \(8, 8, 8\)"),
         (["train", "--bright-ckpt", b4, "--data", data, "--out", ok, "--resume"], r"expects \(8, 8, 8\)"),
         (["train", "--codes", tmp_path / "range.pt", "--data", data], "not both"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"widht": 8}'], "unknown config field.*widht"),
+        ([*train_args(world, ok, 1), "--resume", "--set", '{"lr": 0.1}'], "keeps its checkpoint's config"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '[8]'], "--set takes a JSON object"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"width": }'], "--set is not valid JSON"),
         (["sample", "--ckpt", tmp_path / "missing.pt"], "not found"),
         (["sample", "--ckpt", b8], "not a ddpm file"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--bright-ckpt", b4, "--out", tmp_path / "s.png"], "makes 4x8x8 key codes"),

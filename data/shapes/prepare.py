@@ -1,19 +1,20 @@
 """
-A small procedural dataset for quick experiments without any download: one to three coloured
-shapes (ellipses, rectangles, triangles, rotated at random) on a solid or linear-gradient
-background. Images are flat and smooth on purpose, so a small autoencoder can learn to
-reconstruct them well within minutes.
+A small procedural dataset for quick experiments without any download. By default: one
+coloured shape (an ellipse, rectangle or triangle, axis-aligned, its rough radius 0.2-0.35 of
+the image size) on a solid background: images a small DDPM learns to draw in CPU minutes.
+--hard gives the harder set: one to three smaller shapes (radius 0.12-0.3), rotated at random,
+on solid or linear-gradient backgrounds. Images are flat and smooth on purpose, so a small autoencoder
+can learn to reconstruct them well within minutes.
 
     python data/shapes/prepare.py [--n-train 4000] [--n-val 200] [--size 64] [--seed 0] [--root DIR]
-                                  [--max-shapes 3] [--solid] [--radius 0.12 0.3] [--no-rotate]
+                                  [--hard] [--max-shapes 1] [--gradients] [--radius 0.2 0.35] [--rotate]
 
---max-shapes 1 --solid gives a simpler set, one shape on a solid colour; --radius and --no-rotate
-set the shapes' size and keep them axis-aligned (BENCHMARKS.md uses them to ask which images a
-small DDPM can learn to draw).
+--hard makes --max-shapes 3 --gradients --radius 0.12 0.3 --rotate the defaults (a --max-shapes
+or --radius given as well wins).
 
 writes root/train/00000.png ... and root/val/00000.png ... (root defaults to this folder).
 Image i of a split depends only on (seed, split, i), so train image 17 is the same
-whatever --n-train is. Importable: prepare(...) and is_prepared(root).
+whatever --n-train is. Importable: prepare(...) and is_prepared(root, **settings).
 """
 import argparse
 import colorsys
@@ -74,7 +75,12 @@ def shape_polygon(rng, s, radius=(0.12, 0.3), rotate=True):
     return list(zip((cx + c * x - sn * y).tolist(), (cy + sn * x + c * y).tolist()))
 
 
-def make_image(seed, split, i, size, max_shapes=3, gradients=True, radius=(0.12, 0.3), rotate=True):
+# the default set (make_image's and prepare's defaults) and the harder one (--hard)
+SIMPLE = dict(max_shapes=1, gradients=False, radius=(0.2, 0.35), rotate=False)
+HARD = dict(max_shapes=3, gradients=True, radius=(0.12, 0.3), rotate=True)
+
+
+def make_image(seed, split, i, size, max_shapes=1, gradients=False, radius=(0.2, 0.35), rotate=False):
     """Image i of a split; its own generator makes it independent of how many are drawn."""
     rng = np.random.default_rng([seed, split, i])
     s = size * SUPERSAMPLE
@@ -85,13 +91,20 @@ def make_image(seed, split, i, size, max_shapes=3, gradients=True, radius=(0.12,
     return img.resize((size, size), Image.LANCZOS)
 
 
-def is_prepared(root=os.path.dirname(os.path.abspath(__file__))):
-    """True once prepare() has finished; the marker is written last, so an interrupted run reads False."""
-    return os.path.isfile(os.path.join(root, MARKER)) and os.path.isdir(os.path.join(root, "val"))
+def is_prepared(root=os.path.dirname(os.path.abspath(__file__)), **settings):
+    """True once prepare() has finished (the marker is written last, so an interrupted run reads
+    False) and, for each keyword given (n_train=..., max_shapes=..., ...), with that value."""
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return False
+    same = lambda k, v: done.get(k) == (list(v) if isinstance(v, tuple) else v)
+    return os.path.isdir(os.path.join(root, "val")) and all(same(k, v) for k, v in settings.items())
 
 
 def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val=200, size=64,
-            seed=0, max_shapes=3, gradients=True, radius=(0.12, 0.3), rotate=True, quiet=False):
+            seed=0, max_shapes=1, gradients=False, radius=(0.2, 0.35), rotate=False, quiet=False):
     t0 = time.time()
     # drop the marker first and start from empty folders, so that a half-written run, or
     # images left over from an earlier larger one, can never pass for a complete dataset
@@ -119,16 +132,21 @@ if __name__ == "__main__":
     ap.add_argument("--n-val", type=int, default=200)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-shapes", type=int, default=3, help="1 to this many shapes per image")
-    ap.add_argument("--solid", action="store_true", help="solid backgrounds only (no gradients)")
-    ap.add_argument("--radius", type=float, nargs=2, default=(0.12, 0.3), metavar=("LO", "HI"),
+    ap.add_argument("--hard", action="store_true",
+                    help="the harder set: --max-shapes 3 --gradients --radius 0.12 0.3 --rotate by default")
+    ap.add_argument("--max-shapes", type=int, default=1, help="1 to this many shapes per image")
+    ap.add_argument("--gradients", action="store_true", help="half the backgrounds are linear gradients")
+    ap.add_argument("--radius", type=float, nargs=2, default=(0.2, 0.35), metavar=("LO", "HI"),
                     help="range of a shape's rough radius, as a fraction of the image size")
-    ap.add_argument("--no-rotate", action="store_true", help="axis-aligned shapes only")
+    ap.add_argument("--rotate", action="store_true", help="rotate each shape by a random angle")
     ap.add_argument("--root", default=os.path.dirname(os.path.abspath(__file__)),
                     help="output folder; its train/ and val/ are replaced")
+    if ap.parse_known_args()[0].hard:
+        ap.set_defaults(**HARD)
     a = ap.parse_args()
-    if a.max_shapes < 1:
+    settings = dict(max_shapes=a.max_shapes, gradients=a.gradients, radius=tuple(a.radius), rotate=a.rotate)
+    if settings["max_shapes"] < 1:
         ap.error("--max-shapes must be at least 1")
-    if not 0 < a.radius[0] <= a.radius[1] <= 0.5:
+    if not 0 < settings["radius"][0] <= settings["radius"][1] <= 0.5:
         ap.error("--radius LO HI needs 0 < LO <= HI <= 0.5")
-    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, not a.solid, tuple(a.radius), not a.no_rotate)
+    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, **settings)
