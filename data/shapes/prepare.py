@@ -3,8 +3,8 @@ A small procedural dataset for quick experiments without any download. By defaul
 coloured shape (an ellipse, rectangle or triangle, axis-aligned, its rough radius 0.2-0.35 of
 the image size) on a solid background: images a small DDPM learns to draw in CPU minutes.
 --hard gives the harder set: one to three smaller shapes (radius 0.12-0.3), rotated at random,
-on solid or linear-gradient backgrounds. Images are flat and smooth on purpose, so a small autoencoder
-can learn to reconstruct them well within minutes.
+on solid or linear-gradient backgrounds. Images are flat and smooth on purpose, so a small
+autoencoder can learn to reconstruct them well within minutes.
 
     python data/shapes/prepare.py [--n-train 4000] [--n-val 200] [--size 64] [--seed 0] [--root DIR]
                                   [--hard] [--max-shapes 1] [--gradients] [--radius 0.2 0.35] [--rotate]
@@ -144,9 +144,8 @@ if __name__ == "__main__":
     if ap.parse_known_args()[0].hard:
         ap.set_defaults(**HARD)
     a = ap.parse_args()
-    settings = dict(max_shapes=a.max_shapes, gradients=a.gradients, radius=tuple(a.radius), rotate=a.rotate)
-    if settings["max_shapes"] < 1:
+    if a.max_shapes < 1:
         ap.error("--max-shapes must be at least 1")
-    if not 0 < settings["radius"][0] <= settings["radius"][1] <= 0.5:
+    if not 0 < a.radius[0] <= a.radius[1] <= 0.5:
         ap.error("--radius LO HI needs 0 < LO <= HI <= 0.5")
-    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, **settings)
+    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, a.gradients, tuple(a.radius), a.rotate)
