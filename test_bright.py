@@ -376,16 +376,36 @@ def test_shapes_generator_rotation_and_radius():
     assert area(radius=(0.2, 0.35)) > 1.3 * area(**small)             # (0.275 / 0.21)^2 = 1.7 in area
 
 
+def test_shapes_kinds_label_the_images():
+    """kinds, as prepare() writes them to kinds.json: in the default (axis-aligned) set a
+    rectangle fills its bounding box and an ellipse or triangle never does (an ellipse ~0.79, a
+    triangle ~0.5; one cut by the image border a little more)"""
+    shapes = shapes_generator()
+    fills = {k: [] for k in shapes.KINDS}
+    for i in range(40):
+        kinds = []
+        x = np.asarray(shapes.make_image(0, 0, i, 64, kinds=kinds)).astype(int)
+        m = np.abs(x - x[0, 0]).sum(-1) > 30                   # the shape: far from the background
+        if m[0, 0]:
+            continue                                         # the shape covers the corner
+        ys, xs = np.nonzero(m)
+        fills[kinds[0]].append(m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+    assert all(len(f) >= 5 for f in fills.values()), {k: len(f) for k, f in fills.items()}
+    assert min(fills["rectangle"]) >= 0.95 and max(fills["ellipse"] + fills["triangle"]) <= 0.9
+
+
 def test_shapes_prepare_records_its_settings(tmp_path):
     """prepare() writes a marker last with its settings; is_prepared(root, **settings) reads
     them, so bright.py can tell the default set from another one in data/shapes"""
     shapes = shapes_generator()
     assert not shapes.is_prepared(str(tmp_path))
     shapes.prepare(str(tmp_path), n_train=2, n_val=1, size=16, quiet=True, **shapes.HARD)
-    assert sorted(os.listdir(tmp_path / "train")) == [".complete", "00000.png", "00001.png"]
+    assert sorted(os.listdir(tmp_path / "train")) == [".complete", "00000.png", "00001.png", "kinds.json"]
     assert shapes.is_prepared(str(tmp_path)) and shapes.is_prepared(str(tmp_path), **shapes.HARD)
     assert not shapes.is_prepared(str(tmp_path), **shapes.SIMPLE)
     assert not shapes.is_prepared(str(tmp_path), **{**shapes.HARD, "radius": (0.12, 0.31)})
+    kinds = json.load(open(tmp_path / "train" / "kinds.json"))
+    assert len(kinds) == 2 and all(1 <= len(k) <= 3 and set(k) <= set(shapes.KINDS) for k in kinds)
     # the command line: --hard sets the defaults, a flag given as well wins
     subprocess.run([sys.executable, shapes.__file__, "--hard", "--max-shapes", "2", "--n-train", "1", "--n-val", "1",
                     "--size", "16", "--root", str(tmp_path)], check=True, capture_output=True)

@@ -12,7 +12,9 @@ autoencoder can learn to reconstruct them well within minutes.
 --hard makes --max-shapes 3 --gradients --radius 0.12 0.3 --rotate the defaults (a --max-shapes
 or --radius given as well wins).
 
-writes root/train/00000.png ... and root/val/00000.png ... (root defaults to this folder).
+writes root/train/00000.png ... and root/val/00000.png ... (root defaults to this folder), and
+in each split kinds.json: for every image, the kinds of its shapes in drawing order (labels,
+e.g. to train a classifier that judges generated samples).
 Image i of a split depends only on (seed, split, i), so train image 17 is the same
 whatever --n-train is. Importable: prepare(...) and is_prepared(root, **settings).
 """
@@ -51,9 +53,13 @@ def background(rng, s, gradients=True):
     return (c0 * (1 - t) + c1 * t + 0.5).astype(np.uint8)
 
 
+KINDS = ("ellipse", "rectangle", "triangle")
+
+
 def shape_polygon(rng, s, radius=(0.12, 0.3), rotate=True):
-    """Vertices of one random shape, in pixels of an s x s canvas; radius: the range of its rough
-    radius as a fraction of s; rotate=False keeps it axis-aligned (the same numbers are drawn)."""
+    """(vertices, kind) of one random shape: vertices in pixels of an s x s canvas, kind an index
+    into KINDS; radius: the range of its rough radius as a fraction of s; rotate=False keeps it
+    axis-aligned (the same numbers are drawn)."""
     cx, cy = rng.uniform(0.15, 0.85, size=2) * s
     r = rng.uniform(*radius) * s  # rough radius
     angle = rng.uniform(0, 2 * np.pi)  # drawn even when unused, so every later draw stays the same
@@ -72,7 +78,7 @@ def shape_polygon(rng, s, radius=(0.12, 0.3), rotate=True):
         x, y = rr * np.cos(a), rr * np.sin(a)
     # rotate, then move to the centre (the ellipse/rectangle are built axis-aligned)
     c, sn = np.cos(angle), np.sin(angle)
-    return list(zip((cx + c * x - sn * y).tolist(), (cy + sn * x + c * y).tolist()))
+    return list(zip((cx + c * x - sn * y).tolist(), (cy + sn * x + c * y).tolist())), int(kind)
 
 
 # the default set (make_image's and prepare's defaults) and the harder one (--hard)
@@ -80,14 +86,18 @@ SIMPLE = dict(max_shapes=1, gradients=False, radius=(0.2, 0.35), rotate=False)
 HARD = dict(max_shapes=3, gradients=True, radius=(0.12, 0.3), rotate=True)
 
 
-def make_image(seed, split, i, size, max_shapes=1, gradients=False, radius=(0.2, 0.35), rotate=False):
-    """Image i of a split; its own generator makes it independent of how many are drawn."""
+def make_image(seed, split, i, size, max_shapes=1, gradients=False, radius=(0.2, 0.35), rotate=False, kinds=None):
+    """Image i of a split; its own generator makes it independent of how many are drawn.
+    kinds: None, or a list to which the kind (a name from KINDS) of each shape is appended."""
     rng = np.random.default_rng([seed, split, i])
     s = size * SUPERSAMPLE
     img = Image.fromarray(background(rng, s, gradients))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, max_shapes + 1)):  # 1..max_shapes shapes, later ones on top
-        draw.polygon(shape_polygon(rng, s, radius, rotate), fill=random_colour(rng, (0.65, 1.0), (0.7, 1.0)))
+        vertices, kind = shape_polygon(rng, s, radius, rotate)
+        draw.polygon(vertices, fill=random_colour(rng, (0.65, 1.0), (0.7, 1.0)))
+        if kinds is not None:
+            kinds.append(KINDS[kind])
     return img.resize((size, size), Image.LANCZOS)
 
 
@@ -115,9 +125,13 @@ def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val
     for split_id, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         d = os.path.join(root, split)
         os.makedirs(d)
-        digits = max(5, len(str(n - 1)))
+        digits, kinds = max(5, len(str(n - 1))), []
         for i in range(n):
-            make_image(seed, split_id, i, size, max_shapes, gradients, radius, rotate).save(os.path.join(d, f"{i:0{digits}d}.png"))
+            kinds.append([])
+            make_image(seed, split_id, i, size, max_shapes, gradients, radius, rotate, kinds[-1]).save(
+                os.path.join(d, f"{i:0{digits}d}.png"))
+        with open(os.path.join(d, "kinds.json"), "w") as f:
+            json.dump(kinds, f)
     with open(os.path.join(root, MARKER), "w") as f:
         json.dump(dict(n_train=n_train, n_val=n_val, size=size, seed=seed, max_shapes=max_shapes,
                        gradients=gradients, radius=list(radius), rotate=rotate), f)
