@@ -238,16 +238,23 @@ def parse_set(text):
     return extra
 
 
-def make_config(preset="tiny", **overrides):
-    if preset not in PRESETS:
-        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    unknown = set(overrides) - {f.name for f in fields(Config)}
+def preset_config(cls, presets, preset, overrides, why=""):
+    """cls(**presets[preset], **overrides) with the overrides that are None left out, or one
+    error line (an unknown preset or field, or a config its __post_init__ rejects: why + reason).
+    The config dataclasses of bright.py and diffusion.py are both built through it."""
+    if preset not in presets:
+        fail(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
+    unknown = set(overrides) - {f.name for f in fields(cls)}
     if unknown:
         fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
     try:
-        return Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(**{**presets[preset], **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as e:
-        fail(f"inconsistent config: {e}")
+        fail(f"{why}{e}")
+
+
+def make_config(preset="tiny", **overrides):
+    return preset_config(Config, PRESETS, preset, overrides, "inconsistent config: ")
 
 
 # ----------------------------------------------------------------------------- the model

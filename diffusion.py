@@ -17,7 +17,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, config_from, ddp_wrap, ema_update,
-                    encode_images, fail, load_checkpoint, load_dataset, load_weights, parse_set, pick_device, read_checkpoint,
-                    save_grid, setup_distributed, step_stats, sync_grads, to_float)
+                    encode_images, fail, load_checkpoint, load_dataset, load_weights, parse_set, pick_device,
+                    preset_config, read_checkpoint, save_grid, setup_distributed, step_stats, sync_grads, to_float)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -228,15 +228,7 @@ PRESETS = {
 
 
 def make_config(preset="tiny", **overrides):
-    if preset not in PRESETS:
-        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    unknown = set(overrides) - {f.name for f in fields(DiffusionConfig)}
-    if unknown:
-        fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    try:
-        return DiffusionConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as e:
-        fail(str(e))
+    return preset_config(DiffusionConfig, PRESETS, preset, overrides)
 
 
 # ----------------------------------------------------------------------------- the model

@@ -352,21 +352,25 @@ def test_shapes_generator_options():
         assert np.sort(counts)[-2:].sum() >= 0.8 * 64 * 64
 
 
+def shape_mask(img):
+    """a one-shape image (H, W, 3) -> the shape's pixels: those far from the background colour"""
+    x = np.asarray(img).astype(int)
+    return np.abs(x - x[0, 0]).sum(-1) > 30
+
+
+def box_fill(mask):
+    """the share of its bounding box that a mask covers"""
+    ys, xs = np.nonzero(mask)
+    return mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+
+
 def test_shapes_generator_rotation_and_radius():
     """rotate=False keeps shapes axis-aligned: an axis-aligned rectangle fills its bounding box
     (ratio 1), a rotated one at most ~0.9 (ellipses ~0.79, triangles <= 0.5 either way);
     radius scales the shapes; both draw the same random numbers, so the colours stay put"""
     shapes = shapes_generator()
     img = lambda i, **kw: np.asarray(shapes.make_image(0, 0, i, 64, max_shapes=1, gradients=False, **kw)).astype(int)
-
-    def mask(i, **kw):                           # the shape's pixels: far from the background colour
-        x = img(i, **kw)
-        return np.abs(x - x[0, 0]).sum(-1) > 30
-
-    def box_fill(m):
-        ys, xs = np.nonzero(m)
-        return m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-
+    mask = lambda i, **kw: shape_mask(img(i, **kw))
     small = dict(radius=(0.12, 0.3))
     ids = [i for i in range(30) if not mask(i, rotate=True, **small)[0, 0] and not mask(i, **small)[0, 0]]
     assert sum(box_fill(mask(i, **small)) >= 0.97 for i in ids) >= 3   # the axis-aligned rectangles
@@ -384,12 +388,9 @@ def test_shapes_kinds_label_the_images():
     fills = {k: [] for k in shapes.KINDS}
     for i in range(40):
         kinds = []
-        x = np.asarray(shapes.make_image(0, 0, i, 64, kinds=kinds)).astype(int)
-        m = np.abs(x - x[0, 0]).sum(-1) > 30                   # the shape: far from the background
-        if m[0, 0]:
-            continue                                         # the shape covers the corner
-        ys, xs = np.nonzero(m)
-        fills[kinds[0]].append(m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+        m = shape_mask(shapes.make_image(0, 0, i, 64, kinds=kinds))
+        if not m[0, 0]:                                      # skip a shape that covers the corner
+            fills[kinds[0]].append(box_fill(m))
     assert all(len(f) >= 5 for f in fills.values()), {k: len(f) for k, f in fills.items()}
     assert min(fills["rectangle"]) >= 0.95 and max(fills["ellipse"] + fills["triangle"]) <= 0.9
 
