@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -192,8 +192,8 @@ class Config:
             raise ValueError("feat_size must be a multiple of z_size (nearest tiling)")
         if self.bottleneck not in ("hash", "vq"):
             raise ValueError(f"bottleneck must be 'hash' or 'vq', not {self.bottleneck!r}")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError("batch_size must be a multiple of grad_accum")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a positive multiple of grad_accum")
 
     @property
     def groups(self):
@@ -581,13 +581,35 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
 
 
-def config_from(cls, ckpt, path, **overrides):
-    """cls(**ckpt["config"], **overrides), or one error line when the stored config does not
-    build (a checkpoint written by another version of the code)"""
+def config_from(cls, ckpt, path):
+    """cls(**ckpt["config"]), or one error line when the stored config does not build (a
+    checkpoint written by another version of the code)"""
     try:
-        return cls(**{**ckpt["config"], **overrides})
+        return cls(**ckpt["config"])
     except (KeyError, TypeError, ValueError) as e:
         fail(f"{path!r} has a config this code's {cls.__name__} cannot build ({str(e).splitlines()[0][:100]})")
+
+
+def resume_config(cls, ckpt, path, flags, set_text=None):
+    """--resume continues the checkpoint's config. flags {field: value or None} from the command
+    line, and --set's fields: max_iters and grad_accum may change; any other field must repeat
+    the stored value (the run's own command plus --resume works), and one that asks for another
+    is an error rather than silently ignored."""
+    cfg = config_from(cls, ckpt, path)
+    asked = {**parse_set(set_text), **{k: v for k, v in flags.items() if v is not None}}
+    unknown = set(asked) - {f.name for f in fields(cls)}
+    if unknown:
+        fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    change = {k: asked.pop(k) for k in ("max_iters", "grad_accum") if k in asked}
+    clash = [f"{k} {v}, it has {getattr(cfg, k)}" for k, v in asked.items()
+             if (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
+    if clash:
+        fail(f"{path} was trained with other settings (asked: {'; '.join(clash)}); a resumed run keeps its "
+             f"checkpoint's config (only --max-iters and --grad-accum may change)")
+    try:
+        return replace(cfg, **change)
+    except ValueError as e:
+        fail(f"inconsistent config: {e}")
 
 
 def load_weights(module, state, path):
@@ -597,6 +619,16 @@ def load_weights(module, state, path):
         module.load_state_dict(state)
     except RuntimeError as e:
         fail(f"{path!r} does not fit this code's {type(module).__name__} ({' '.join(str(e).split())[:160]})")
+
+
+def fingerprint(state):
+    """state dict -> crc32 of every tensor's bytes, as 8 hex digits: tells one set of weights
+    from another (e.g. which BRIGHT model made a file of key codes) without storing them"""
+    crc = 0
+    for k, v in sorted(state.items()):
+        crc = zlib.crc32(k.encode(), crc)
+        crc = zlib.crc32(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 def ema_update(ema, model, decay):
@@ -613,6 +645,11 @@ def pick_device(name="auto"):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
+
+
+def peak_memory(device):
+    """' | 12.3 GiB peak' of CUDA memory allocated so far by tensors, for the training log"""
+    return f" | {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB peak" if device.type == "cuda" else ""
 
 
 # ----------------------------------------------------------------------------- commands
@@ -698,6 +735,21 @@ def catch_stop():
     return stop, lambda: [signal.signal(sig, h) for sig, h in handlers.items()]
 
 
+def step_seed(seed, step):
+    """the seed of a training step's random draws: distinct for every (seed, step) pair, which
+    seed + step is not (seed 1 would replay seed 0 one step later); equal to step for seed 0"""
+    return seed * 2 ** 32 + step
+
+
+def check_run_flags(args, start, max_iters, path):
+    """one error line for a run that would do nothing, or log never"""
+    if args.log_every < 1:
+        fail(f"--log-every must be at least 1, got {args.log_every}")
+    if start >= max_iters:
+        fail(f"nothing to train: {path} is at step {start}, --max-iters is {max_iters}" if start
+             else f"--max-iters must be at least 1, got {max_iters}")
+
+
 def step_stats(stats, stop, world):
     """stats (k,) tensor of this rank's step means -> (the means over all ranks..., stop?):
     one small all-reduce that also makes every rank take the same decision to stop"""
@@ -729,14 +781,10 @@ def train(args, on_step=None):
     path = os.path.join(out, "bright.pt")
     ckpt = None
     if args.resume:
-        if args.set:
-            fail("--set applies to a new run; a resumed run keeps its checkpoint's config")
         ckpt = read_checkpoint(path, "bright")
-        keep = {k: v for k, v in [("max_iters", args.max_iters), ("grad_accum", args.grad_accum)] if v}
-        try:
-            cfg = Config(**{**ckpt["config"], **keep})
-        except ValueError as e:
-            fail(f"inconsistent config: {e}")
+        cfg = resume_config(Config, ckpt, path, dict(
+            max_iters=args.max_iters, grad_accum=args.grad_accum, batch_size=args.batch_size, seed=args.seed,
+            bottleneck=args.bottleneck, l1_weight=args.l1_weight, gan_weight=args.gan_weight), args.set)
         if args.preset and make_config(args.preset).grid != cfg.grid:
             fail(f"{path} was trained with another config than --preset {args.preset}; drop --preset to resume it")
     else:
@@ -747,6 +795,7 @@ def train(args, on_step=None):
                           l1_weight=args.l1_weight, gan_weight=args.gan_weight, seed=args.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
+    check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     amp = autocast(device, args.dtype)
     data = args.data or DEFAULT_DATA
@@ -800,7 +849,7 @@ def train(args, on_step=None):
     model.train()
     shares = torch.arange(cfg.batch_size).view(world, cfg.grad_accum, micro)[rank]  # (accum, micro) of this rank
     while step < cfg.max_iters:
-        torch.manual_seed(cfg.seed + step)  # batch and key-code noise depend on the step alone: exact resume
+        torch.manual_seed(step_seed(cfg.seed, step))  # batch and key-code noise depend on the step alone: exact resume
         idx = torch.randint(len(train_x), (cfg.batch_size,))
         noise = torch.randn(cfg.batch_size, cfg.z_channels, cfg.z_size, cfg.z_size)
         for g in opt.param_groups:  # cosine decay from lr to lr * lr_final over max_iters
@@ -842,7 +891,7 @@ def train(args, on_step=None):
             its = (step - s_last) / max(now - t_last, 1e-9)
             eta = (cfg.max_iters - step) / max(its, 1e-9)
             say(f"iter {step:6d}/{cfg.max_iters} | loss {loss_v:.5f} | psnr {psnr_v:5.2f} dB | "
-                f"{its:5.2f} it/s | eta {eta / 60:5.1f} min", flush=True)
+                f"{its:5.2f} it/s | eta {eta / 60:5.1f} min{peak_memory(device)}", flush=True)
             if log:
                 log.write(f"{step},{loss_v:.6f},{psnr_v:.3f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last = now, step
@@ -934,8 +983,8 @@ def cmd_reconstruct(args):
 def cmd_encode(args):
     model, cfg, ckpt, device, train_x, val_x = load_for_command(args)
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
-    atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1],
-                 "bright_ckpt": args.ckpt, "config": asdict(cfg)}, args.out)
+    atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1], "bright_ckpt": args.ckpt,
+                 "bright_fingerprint": fingerprint(ckpt["ema"]), "config": asdict(cfg)}, args.out)
     print(f"wrote {args.out}: key codes {tuple(codes[0].shape)} train, {tuple(codes[1].shape)} val")
 
 

@@ -24,9 +24,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, config_from, ddp_wrap, ema_update,
-                    encode_images, fail, load_checkpoint, load_dataset, load_weights, parse_set, pick_device,
-                    preset_config, read_checkpoint, save_grid, setup_distributed, step_stats, sync_grads, to_float)
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_run_flags, config_from,
+                    ddp_wrap, ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset, load_weights,
+                    parse_set, peak_memory, pick_device, preset_config, read_checkpoint, resume_config, save_grid,
+                    setup_distributed, step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -140,7 +141,7 @@ class Attention(nn.Module):
 
     def __init__(self, c, head_dim=32):
         super().__init__()
-        self.heads = max(1, c // head_dim)
+        self.heads = max(h for h in range(1, max(1, c // head_dim) + 1) if c % h == 0)  # heads split c evenly
         self.norm, self.qkv, self.out = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
         nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)
 
@@ -211,8 +212,12 @@ class DiffusionConfig:
                              f"(UNet mults {self.mults}): H_z must be a multiple of {2 ** (len(self.mults) - 1)}")
         if not 0 <= self.attn_lowest <= len(self.mults):
             raise ValueError(f"attn_lowest must be in 0..{len(self.mults)}")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError("batch_size must be a multiple of grad_accum")
+        if self.width < 2 or self.width % 2:
+            raise ValueError(f"width must be even (the sinusoidal time embedding), got {self.width}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be at least 0, got {self.warmup}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a positive multiple of grad_accum")
 
 
 PRESETS = {
@@ -326,42 +331,63 @@ def decode_all(bright, codes, device, bs=64):
 def train(args, on_step=None):
     """Single process, or DDP under torchrun, as bright.train: each step's batch, t and noise
     are drawn from the step's seed on every rank and rank r trains on its share, so any world
-    size and --grad-accum give the same steps. on_step(step, model, loss) after every step."""
+    size and --grad-accum give the same steps (up to the dropout masks, drawn per micro-batch,
+    when dropout > 0). on_step(step, model, loss) after every step."""
     rank, world, device = setup_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.data and args.codes:
         fail("pass --data or --codes, not both")
-    if args.resume and args.set:
-        fail("--set applies to a new run; a resumed run keeps its checkpoint's config")
     path = os.path.join(args.out, "ddpm.pt")
     ckpt = read_checkpoint(path, "ddpm", "nothing to resume") if args.resume else None
     if not ckpt and os.path.exists(path):
         fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
-    # 1. the key codes of the training images, from a codes file or encoded here
-    if args.codes:
-        d = read_checkpoint(args.codes, "bright-codes", "write one with: python bright.py encode")
-        codes, bright_path, bright_cfg, data = d.get("codes"), args.bright_ckpt or d.get("bright_ckpt"), d.get("config"), None
-        check_codes(codes, args.codes)
+    # 1. the key codes of the training images, from a codes file or encoded here; a resumed run
+    # takes its checkpoint's codes file unless told otherwise, and checks the codes are the same
+    codes_path = args.codes or (ckpt.get("codes") if ckpt and not (args.data or args.bright_ckpt) else None)
+    if codes_path:
+        d = read_checkpoint(codes_path, "bright-codes", "write one with: python bright.py encode")
+        codes, bright_cfg, data = d.get("codes"), d.get("config"), None
+        bright_path, bright_fp = d.get("bright_ckpt"), d.get("bright_fingerprint")
+        check_codes(codes, codes_path)
+        if args.bright_ckpt:  # it will decode these codes at sampling time: the model that made them
+            b = read_checkpoint(args.bright_ckpt, "bright")
+            if bright_fp and fingerprint(b["ema"]) != bright_fp:
+                fail(f"{codes_path} holds key codes of another BRIGHT model than {args.bright_ckpt}")
+            bright_path, bright_cfg = args.bright_ckpt, b["config"]
     else:
         bright_path = args.bright_ckpt or (ckpt["bright_ckpt"] if ckpt else DEFAULT_BRIGHT)
         bright, bcfg, bckpt = load_bright(bright_path, device)
         data = args.data or (ckpt or {}).get("data") or bckpt.get("data") or DEFAULT_DATA
         images, _ = load_dataset(data, bcfg.image_size)
         t0 = time.time()
-        codes, bright_cfg = encode_images(bright, images, device), bckpt["config"]
+        codes, bright_cfg, bright_fp = encode_images(bright, images, device), bckpt["config"], fingerprint(bckpt["ema"])
         say(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
         del bright, images
     N, C, H, _ = codes.shape
     if ckpt:
-        keep = {k: v for k, v in [("max_iters", args.max_iters), ("grad_accum", args.grad_accum)] if v}
-        cfg = config_from(DiffusionConfig, ckpt, path, **keep)
+        cfg = resume_config(DiffusionConfig, ckpt, path, dict(
+            max_iters=args.max_iters, grad_accum=args.grad_accum, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+            args.set)
+        unet = lambda c: (c.width, c.mults, c.num_res_blocks, c.attn_lowest)
+        if args.preset and unet(make_config(args.preset, z_channels=C, z_size=H)) != unet(cfg):
+            fail(f"{path} was trained with another config than --preset {args.preset}; drop --preset to resume it")
         check_codes(codes, "the training codes", cfg)
+        if ckpt.get("bright_fingerprint") not in (None, bright_fp):
+            fail(f"{path} was trained on the key codes of another BRIGHT model than {bright_path}")
+        # the same images encoded by the same weights again differ by float rounding (~1e-6, on
+        # other hardware or thread counts); other images by ~0.1
+        probe = ckpt.get("codes_probe")
+        if probe is not None and (N != ckpt["codes_count"] or not torch.allclose(codes[:len(probe)], probe, atol=1e-3)):
+            fail(f"the training key codes ({codes_path or data}) are not those {path} was trained on; "
+                 f"resume with the same --codes, or --data and --bright-ckpt")
     else:
         flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      lr=args.lr, seed=args.seed)
         # the codes fix C_z and H_z; the flags win over --set, --set over the preset
-        cfg = make_config(args.preset, **{**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None},
-                                          "z_channels": C, "z_size": H})
+        cfg = make_config(args.preset or "tiny", **{**parse_set(args.set),
+                                                    **{k: v for k, v in flags.items() if v is not None},
+                                                    "z_channels": C, "z_size": H})
+    check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     micro = cfg.batch_size // (world * cfg.grad_accum)
@@ -392,7 +418,8 @@ def train(args, on_step=None):
     def save():
         atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
-                     "bright_ckpt": bright_path, "bright_config": bright_cfg, "data": data}, path)
+                     "bright_ckpt": bright_path, "bright_config": bright_cfg, "bright_fingerprint": bright_fp,
+                     "data": data, "codes": codes_path, "codes_count": N, "codes_probe": codes[:8].clone()}, path)
 
     stop, restore = catch_stop()
     t0 = t_last = time.time()
@@ -400,16 +427,20 @@ def train(args, on_step=None):
     model.train()
     shares = torch.arange(cfg.batch_size).view(world, cfg.grad_accum, micro)[rank]  # (accum, micro) of this rank
     while step < cfg.max_iters:
-        torch.manual_seed(cfg.seed + step)  # batch, t and noise depend on the step alone: exact resume
+        torch.manual_seed(step_seed(cfg.seed, step))  # batch, t and noise depend on the step alone: exact resume
         # no flips: the encoder is not flip-equivariant, a flipped code is not the flipped image's code
         idx = torch.randint(N, (cfg.batch_size,))
         t = torch.randint(1, cfg.timesteps + 1, (cfg.batch_size,))          # DDPM Algorithm 1: t ~ U{1..T}
         eps = torch.randn(cfg.batch_size, C, H, H)                           # eps ~ N(0, I)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min((step + 1) / cfg.warmup, 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_iters))
+            g["lr"] = cfg.lr * min((step + 1) / max(cfg.warmup, 1), 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_iters))
+        # dropout masks: one seed per micro-batch slot of the step (rank x micro-batch), drawn alike
+        # on every rank, so that the ranks' masks are independent and a resumed run redraws them
+        mask_seeds = torch.randint(2 ** 62, (world, cfg.grad_accum))[rank]
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros(1, device=device)
         for k, sel in enumerate(shares):
+            torch.manual_seed(int(mask_seeds[k]))
             with sync_grads(ddp, last=k == cfg.grad_accum - 1):
                 with amp:
                     l = diffusion.loss(ddp, x_all[idx[sel].to(device)], cfg.min_snr_gamma,  # (micro, C_z, H_z, W_z)
@@ -429,7 +460,7 @@ def train(args, on_step=None):
             now = time.time()
             its = (step - s_last) / max(now - t_last, 1e-9)
             say(f"iter {step:6d}/{cfg.max_iters} | loss {sum(losses) / len(losses):.4f} | {its:6.2f} it/s | "
-                f"eta {(cfg.max_iters - step) / max(its, 1e-9) / 60:5.1f} min", flush=True)
+                f"eta {(cfg.max_iters - step) / max(its, 1e-9) / 60:5.1f} min{peak_memory(device)}", flush=True)
             t_last, s_last, losses = now, step, []
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_iters or stopping):
             save()
@@ -468,12 +499,28 @@ def load_for_sampling(args):
     old, new = ckpt.get("bright_config") or {}, bckpt["config"]
     if any(new[k] != v for k, v in old.items() if k in new):  # fields that bright.py added since are no change
         print(f"warning: {path} has another config than the BRIGHT model the diffusion model was trained for")
+    elif ckpt.get("bright_fingerprint") not in (None, fingerprint(bckpt["ema"])):
+        print(f"warning: {path} has other weights than the BRIGHT model whose key codes {args.ckpt} was trained "
+              f"on (retrained?); its samples may not decode as they should")
     return device, model, cfg, ckpt, bright, bckpt
+
+
+def check_sampler_flags(args):
+    """--steps and --eta belong to DDIM; DDPM's ancestral sampler always takes all T steps"""
+    if getattr(args, "sampler", "ddim") == "ddpm":
+        if args.steps is not None or args.eta is not None:
+            fail("--steps and --eta are DDIM's: --sampler ddpm takes all T steps with its own noise")
+    else:
+        args.steps = 50 if args.steps is None else args.steps
+        args.eta = 0.0 if getattr(args, "eta", None) is None else args.eta
+        if not 0 <= args.eta <= 1:
+            fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {args.eta}")
 
 
 def cmd_sample(args):
     if args.n < 1:
         fail("--n must be at least 1")
+    check_sampler_flags(args)
     device, model, cfg, ckpt, bright, _ = load_for_sampling(args)
     t0 = time.time()
     codes = generate(model, cfg, args.n, device, args.sampler, args.steps, args.eta, args.seed)
@@ -498,6 +545,10 @@ def nearest(queries, bank, k, as_float, chunk=1024):
 
 
 def cmd_neighbors(args):
+    for flag in ("n", "k", "n_stats"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    check_sampler_flags(args)
     device, model, cfg, ckpt, bright, bckpt = load_for_sampling(args)
     data = args.data or ckpt.get("data") or bckpt.get("data") or DEFAULT_DATA
     train_x, val_x = load_dataset(data, bright.cfg.image_size)
@@ -539,7 +590,7 @@ def parser():
     t = sub.add_parser("train", parents=[common], help="train the diffusion model on key codes")
     t.add_argument("--data", help="image folder to encode (default: the one BRIGHT was trained on)")
     t.add_argument("--codes", help="key codes written by: python bright.py encode")
-    t.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    t.add_argument("--preset", choices=list(PRESETS), help="default: tiny")
     t.add_argument("--out", default=DEFAULT_OUT)
     for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
                       ("--seed", int)]:
@@ -553,7 +604,7 @@ def parser():
     s = sub.add_parser("sample", parents=[common], help="sample key codes, decode them, write a PNG grid")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 as DDPM")
+    s.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as DDPM")
     s.add_argument("--out", default=os.path.join(DEFAULT_OUT, "samples.png"))
     s.add_argument("--save-codes", action="store_true", help="also write the sampled key codes (.pt beside the PNG)")
     s.set_defaults(fn=cmd_sample)
@@ -566,7 +617,7 @@ def parser():
     nb.set_defaults(fn=cmd_neighbors)
     for p in (s, nb):
         p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"))
-        p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+        p.add_argument("--steps", type=int, help="DDIM steps (default 50)")
         p.add_argument("--seed", type=int, default=0)
     return ap
 

@@ -4,7 +4,8 @@ path for CPU training, and the Triton kernels checked against the reference.
 
 Data layout (shared by every backend)
 -------------------------------------
-coords  (N, G, D)               float32, one D-dim query per point and group, in [0, 1].
+coords  (N, G, D)               float32 (or float64; grid_lookup computes bf16/fp16 inputs
+                                in float32), one D-dim query per point and group, in [0, 1].
                                 Values outside are clamped to [0, 1] and NaN reads as 0;
                                 a clamped coordinate, or one exactly 0 or 1, gets gradient 0
                                 (the clamp is taken as active on the boundary, which is also
@@ -173,7 +174,11 @@ def grid_lookup_fast(coords, tables, spec):
     """Same result as grid_lookup_reference, faster on CPU: a dense level with D = 2 or 3 is
     a small image/volume of F channels, so F.grid_sample (bilinear/trilinear, align_corners:
     vertex 0 at x = 0, vertex res at x = 1) interpolates it with both gradients in one fused
-    op; other levels gather all 2^D corners at once instead of one corner at a time."""
+    op; other levels gather all 2^D corners at once instead of one corner at a time.
+    grid_sample reads x as 2x - 1, rounded: in float32 a coordinate below ~1.5e-8 lands on the
+    border (its gradient from those levels is 0) and one on a cell face may take the
+    neighbouring cell's one-sided derivative; the reference and the kernels do neither. (A
+    sigmoid key code is that small only for a logit below about -18.)"""
     N, G, D = coords.shape
     Fe = spec.features
     x = clamp_coords(coords)
@@ -205,6 +210,10 @@ def grid_lookup(coords, tables, spec, backend="torch"):
     if tables.shape[1:] != (spec.num_entries, spec.features):
         raise ValueError(f"grid_lookup: tables {tuple(tables.shape)} do not match the spec "
                          f"(G, {spec.num_entries}, {spec.features})")
+    # at least float32 for every backend (float64 if either input is): pos = x * res in bf16
+    # would keep ~8 bits, and grid_sample needs one dtype for coords and tables
+    dtype = torch.promote_types(torch.promote_types(coords.dtype, tables.dtype), torch.float32)
+    coords, tables = coords.to(dtype), tables.to(dtype)
     if backend == "auto":
         backend = "triton" if coords.is_cuda else "torch"
     if backend == "reference":
@@ -233,7 +242,7 @@ NUM_WARPS = 4
 # (18.6 MB per group in the paper configuration, which fits the 50 MB of an H100).
 # False: tiny-cuda-nn's order (one level's table hot at a time), but each program writes
 # F*4 bytes every G*L*F*4 bytes of the output, a partial sector per point.
-# Measured on an H100 (BENCHMARKS_triton_wip.md), paper configuration: forward 1.11 ms (True)
+# Measured on an H100 (BENCHMARKS.md), paper configuration: forward 1.11 ms (True)
 # vs 1.60 ms (False), forward + backward 4.30 vs 4.92 ms.
 LEVELS_INNER = True
 # Coordinate gradient, summed over levels: True = fp32/fp64 atomic adds into (N, G, D);
@@ -272,10 +281,11 @@ def corner_index_tl(cell, corner: tl.constexpr, res, dense, hash_mask, D: tl.con
     stride = 1
     for d in tl.static_range(D):
         c = cell[d] + ((corner >> d) & 1)      # in [0, res]: coordinates were clamped first
-        # row-major, dimension 0 fastest; (res+1)^D <= T fits int32 for a dense level (in a
-        # hashed level this may wrap past 2^31, harmless as it is discarded below)
-        dense_idx += c * stride
-        stride = stride * (res + 1)
+        # row-major, dimension 0 fastest; (res+1)^D <= T fits int32 for a dense level. In a
+        # hashed level it may wrap past 2^31, harmless as it is discarded below, so the overflow
+        # sanitizer (TRITON_DEBUG=1) is told not to stop on it
+        dense_idx = tl.add(dense_idx, tl.mul(c, stride, sanitize_overflow=False), sanitize_overflow=False)
+        stride = tl.mul(stride, res + 1, sanitize_overflow=False)
         # uint32: the product must wrap mod 2^32 (an int32 times 2654435761 does not compile),
         # so tell the overflow sanitizer (TRITON_DEBUG=1, the interpreter) it is meant to
         hashed ^= tl.mul(c.to(tl.uint32), _PRIMES_TL[d], sanitize_overflow=False)

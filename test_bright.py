@@ -188,6 +188,45 @@ def test_lookup_clamps_and_rejects_bad_shapes():
         grid_lookup(torch.rand(5, 2, 3), t, spec, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_lookup_promotes_dtypes(backend):
+    # bf16 coords are computed in fp32 (pos = x * res in bf16 would keep ~8 bits: the reference
+    # itself was off by 0.58 on outputs of ~2 before), fp64 coords with fp32 tables in fp64 (the
+    # fast path's grid_sample once refused the mix); every backend gives the promoted result
+    spec = GridSpec(3, 2, 2, 10, 4, 24)  # res 4 dense, res 24 hashed
+    gen = torch.Generator().manual_seed(0)
+    tables = torch.randn(2, spec.num_entries, 2, generator=gen)
+    c16 = torch.rand(300, 2, 3, generator=gen).bfloat16()
+    want = grid_lookup_reference(c16.float(), tables, spec)
+    got = grid_lookup(c16, tables, spec, backend)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    c64 = c16.double().requires_grad_()
+    got = grid_lookup(c64, tables, spec, backend)
+    assert got.dtype == torch.float64 and torch.allclose(got, grid_lookup_reference(c64, tables.double(), spec))
+    got.sum().backward()
+    assert c64.grad.dtype == torch.float64 and c64.grad.abs().sum() > 0
+
+
+def test_kernel_index_arithmetic_passes_the_overflow_sanitizer():
+    # a hashed level whose (res+1)^D exceeds 2^31 must not wrap any int32 arithmetic either:
+    # TRITON_DEBUG=1 checks every integer op, even in the dense index a hashed level discards
+    from triton.runtime import interpreter
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if builder is None or not hasattr(getattr(builder, "options", None), "debug"):
+        pytest.skip("this triton's interpreter has no debug option to switch on")
+    import dataclasses
+    old = builder.options
+    builder.options = dataclasses.replace(old, debug=True)
+    try:
+        spec = GridSpec(4, 1, 2, 16, 250, 250)  # 251^4 > 2^31 vertices: hashed
+        c = torch.rand(64, 1, 4, generator=torch.Generator().manual_seed(0))
+        tables = torch.randn(1, spec.num_entries, 2)
+        y = grid_lookup(c, tables, spec, "triton")
+    finally:
+        builder.options = old
+    assert torch.allclose(y, grid_lookup_reference(c, tables, spec), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- model
 
 MICRO = dict(image_size=16, z_size=4, z_channels=4, levels=3, features=2, log2_table_size=8,
@@ -467,6 +506,12 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
         run("train", "--preset", "tiny", "--data", data16, "--out", out, "--resume")
     with pytest.raises(SystemExit, match="keeps its checkpoint's config"):   # --set would be ignored
         run("train", "--data", data16, "--out", out, "--resume", "--set", '{"lr": 0.01}')
+    with pytest.raises(SystemExit, match=r"other settings \(asked: seed 5, it has 0\)"):  # would be ignored
+        run("train", "--data", data16, "--out", out, "--resume", "--seed", 5)
+    # the run's own command plus --resume: the stored values are accepted, --max-iters may change
+    run("train", "--preset", "micro", "--data", data16, "--out", out, "--resume", "--seed", 0, "--max-iters", 3,
+        "--set", json.dumps(MICRO))
+    assert torch.load(ck, weights_only=True)["step"] == 3
     capsys.readouterr()
     run("eval", "--ckpt", ck, "--data", data16, "--json")
     r = json.loads(capsys.readouterr().out)
@@ -1284,7 +1329,9 @@ def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
     diff_run(*train_args(world, b, 2))
     diff_run(*train_args(world, b, 4, "--resume"))
     ca, cb = (torch.load(p / "ddpm.pt", weights_only=True) for p in (a, b))
-    assert set(ca) == {"kind", "model", "ema", "optimizer", "step", "config", "bright_ckpt", "bright_config", "data"}
+    assert set(ca) == {"kind", "model", "ema", "optimizer", "step", "config", "bright_ckpt", "bright_config", "data",
+                       "bright_fingerprint", "codes", "codes_count", "codes_probe"}
+    assert ca["bright_fingerprint"] == bright.fingerprint(torch.load(world[2], weights_only=True)["ema"])
     assert ca["kind"] == "ddpm" and ca["step"] == cb["step"] == 4 and ca["config"] == cb["config"]
     assert ca["bright_ckpt"] == str(world[2]) and ca["bright_config"]["z_channels"] == 8
     for k in ("model", "ema"):                        # batches, t and noise depend on the step alone
@@ -1295,6 +1342,38 @@ def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
     assert all(torch.equal(v, ca["ema"][k]) for k, v in m.state_dict().items())
     with pytest.raises(SystemExit, match="^error: .*exists: pass --resume"):
         diff_run(*train_args(world, a, 4))
+
+
+def test_resume_and_sampling_check_which_codes_and_bright(world, tmp_path, capsys):
+    root, data, b8, _ = world
+    codes = tmp_path / "codes.pt"
+    bright_run("encode", "--ckpt", b8, "--data", data, "--out", codes)
+    assert torch.load(codes, weights_only=True)["bright_fingerprint"] == bright.fingerprint(
+        torch.load(b8, weights_only=True)["ema"])
+    # another BRIGHT model with the same config: b8's weights, the key-code layer's bias changed
+    other = torch.load(b8, weights_only=True)
+    other["ema"]["to_key.bias"] += 1
+    torch.save(other, tmp_path / "other.pt")
+    run = tmp_path / "r"
+    diff_run("train", "--codes", codes, "--out", run, "--max-iters", 1, "--batch-size", 4)
+    # resumed without --codes, the run takes its own codes file again (not b8's images re-encoded)
+    capsys.readouterr()
+    diff_run("train", "--out", run, "--max-iters", 2, "--resume")
+    assert "encoded" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="^error: .*key codes of another BRIGHT model than"):
+        diff_run("train", "--codes", codes, "--bright-ckpt", tmp_path / "other.pt", "--out", tmp_path / "x")
+    with pytest.raises(SystemExit, match="^error: .* key codes of another BRIGHT model than"):
+        diff_run("train", "--bright-ckpt", tmp_path / "other.pt", "--data", data, "--out", run, "--resume",
+                 "--max-iters", 3)
+    write_shapes(tmp_path / "d2", 12, start=100)  # other images, same BRIGHT model
+    with pytest.raises(SystemExit, match="^error: the training key codes .* are not those"):
+        diff_run("train", "--bright-ckpt", b8, "--data", tmp_path / "d2", "--out", run, "--resume", "--max-iters", 3)
+    # sampling through a BRIGHT model with other weights than the one that made the codes: a warning
+    diff_run("sample", "--ckpt", run / "ddpm.pt", "--n", 1, "--steps", 2, "--out", tmp_path / "s.png")
+    assert "warning" not in capsys.readouterr().out
+    diff_run("sample", "--ckpt", run / "ddpm.pt", "--bright-ckpt", tmp_path / "other.pt", "--n", 1, "--steps", 2,
+             "--out", tmp_path / "s.png")
+    assert "warning: " in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -1345,12 +1424,23 @@ def test_bad_inputs(world, tmp_path):
         (["train", "--codes", tmp_path / "range.pt", "--data", data], "not both"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"widht": 8}'], "unknown config field.*widht"),
         ([*train_args(world, ok, 1), "--resume", "--set", '{"lr": 0.1}'], "keeps its checkpoint's config"),
+        ([*train_args(world, ok, 1), "--resume", "--lr", 0.5], r"other settings \(asked: lr 0.5, it has "),
         ([*train_args(world, tmp_path / "x", 1), "--set", '[8]'], "--set takes a JSON object"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"width": }'], "--set is not valid JSON"),
         (["sample", "--ckpt", tmp_path / "missing.pt"], "not found"),
         (["sample", "--ckpt", b8], "not a ddpm file"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--bright-ckpt", b4, "--out", tmp_path / "s.png"], "makes 4x8x8 key codes"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--steps", 0, "--out", tmp_path / "s.png"], "--steps must be"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--eta", -1, "--out", tmp_path / "s.png"], r"--eta must be in \[0, 1\]"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--sampler", "ddpm", "--steps", 10, "--out", tmp_path / "s.png"],
+         "--steps and --eta are DDIM's"),
+        (["neighbors", "--ckpt", ok / "ddpm.pt", "--k", 0], "--k must be at least 1"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"width": 33}'], "width must be even"),
+        ([*train_args(world, tmp_path / "x", 1), "--batch-size", 0], "positive multiple of grad_accum"),
+        ([*train_args(world, tmp_path / "x", 0)], "--max-iters must be at least 1"),
+        ([*train_args(world, tmp_path / "x", 1), "--log-every", 0], "--log-every must be at least 1"),
+        ([*train_args(world, ok, 1), "--resume"], "nothing to train: .* is at step 1"),
+        ([*train_args(world, ok, 2), "--resume", "--preset", "bright16"], "another config than --preset bright16"),
     ]
     for argv, msg in cases:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
