@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners
 
@@ -93,16 +93,18 @@ class VectorQuantizer(nn.Module):
     al. 2017). Each encoder vector snaps to the nearest of K codebook entries; the gradient
     passes straight through; a commitment loss ||z - sg(e)||^2 keeps the encoder near its
     entries; the codebook is not trained by the optimizer but moved to an EMA of the vectors
-    assigned to it (VQ-VAE appendix A.1). Entries nobody picks stay where they are (dead), as
-    in the paper's VQ baselines; `restart` re-seeds them from the batch instead."""
+    assigned to it (VQ-VAE appendix A.1), once per optimizer step (ema_step). An entry nobody
+    picks is dead: its EMA sums decay, drawing it slowly towards 0 (~1/(1 - decay) steps), as
+    in the paper's VQ baselines; `restart` re-seeds such entries from the batch instead."""
     def __init__(self, K, dim, decay=0.99, restart=False):
         super().__init__()
         self.K, self.decay, self.restart = K, decay, restart
         e = torch.empty(K, dim).uniform_(-1 / K, 1 / K)     # VQGAN's init: near 0, every direction
         self.register_buffer("codebook", e)                 # (K, dim)
-        # as if each entry had been assigned once, to itself: an unused entry stays put
+        # as if each entry had been assigned once, to itself: a fresh entry starts where it is
         self.register_buffer("cluster_size", torch.ones(K))
         self.register_buffer("embed_sum", e.clone())
+        self.stats = []  # (counts, sums, vectors) of the forward passes since the last ema_step
 
     def assign(self, v):
         """vectors (M, dim) -> index of the nearest entry (M,)"""
@@ -111,21 +113,27 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z):
         """z (B, dim, H, W) -> (quantized z with a straight-through gradient, indices (B, H, W),
-        commitment loss). In training mode, also one EMA step of the codebook."""
+        commitment loss). In training mode, also the assignment counts for ema_step."""
         B, C, H, W = z.shape
         v = z.permute(0, 2, 3, 1).reshape(-1, C).float()   # (M = B*H*W, dim)
         idx = self.assign(v.detach())
         q = self.codebook[idx]
-        if self.training:
-            self.ema_step(v.detach(), idx)
+        if self.training:  # one EMA step per optimizer step, whatever the micro-batches
+            onehot = F.one_hot(idx, self.K).type_as(v)                      # (M, K)
+            self.stats.append((onehot.sum(0), onehot.t() @ v.detach(), v.detach()))
         commit = F.mse_loss(v, q.detach())
         q = v + (q - v).detach()                           # straight-through: dq/dz = identity
         return q.reshape(B, H, W, C).permute(0, 3, 1, 2).to(z.dtype), idx.reshape(B, H, W), commit
 
     @torch.no_grad()
-    def ema_step(self, v, idx, eps=1e-5):
-        onehot = F.one_hot(idx, self.K).type_as(v)           # (M, K)
-        counts, sums = onehot.sum(0), onehot.t() @ v         # (K,), (K, dim)
+    def ema_step(self, eps=1e-5):
+        """move the codebook to the EMA of the vectors assigned since the last call (the
+        micro-batches of one optimizer step, on every rank)"""
+        if not self.stats:
+            return
+        counts, sums = sum(c for c, _, _ in self.stats), sum(s for _, s, _ in self.stats)  # (K,), (K, dim)
+        v = self.stats[-1][2]
+        self.stats.clear()
         if dist.is_initialized():  # every rank applies the same update: its buffers stay equal
             dist.all_reduce(counts); dist.all_reduce(sums)
         self.cluster_size.lerp_(counts, 1 - self.decay)
@@ -181,6 +189,11 @@ class Config:
 
     def __post_init__(self):
         self.enc_widths, self.dec_widths = tuple(self.enc_widths), tuple(self.dec_widths)
+        if self.z_channels < 1 or self.c_key < 1 or self.eval_every < 1:
+            raise ValueError("z_channels, c_key and eval_every must be at least 1")
+        if self.image_size < 11:
+            raise ValueError("image_size must be at least 11 (SSIM's 11x11 window)")
+        self.grid  # GridSpec checks its dimension (C_key + 2), resolutions and table size
         groups = self.z_channels // self.c_key
         if self.z_channels % self.c_key or self.c_d % groups:
             raise ValueError("z_channels must be a multiple of c_key, c_d of the group count")
@@ -381,23 +394,31 @@ class PatchDiscriminator(nn.Module):
 def list_images(root):
     if not os.path.isdir(root):
         fail(f"data folder {root!r} does not exist")
-    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
     if not paths:
         fail(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) found under {root!r}")
     return paths
 
 
+def to_rgb(im):
+    """any PIL image -> RGB: EXIF orientation applied, transparency (alpha or a transparent
+    colour) composited on white, 16-bit grey scaled to 8 bits (convert() would clip it at 255)"""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+        im = Image.fromarray((np.asarray(im).astype(np.float64) / 257).round().astype(np.uint8))
+    if "A" in im.getbands() or im.mode == "P" or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
 def read_image(path, size):
-    """-> uint8 (3, size, size): RGB (alpha composited on white), centre-cropped, resized."""
+    """-> uint8 (3, size, size): RGB (see to_rgb), centre-cropped, resized."""
     with Image.open(path) as im:
         im.load()
         if min(im.size) < size // 4:
             raise ValueError(f"too small ({im.size[0]}x{im.size[1]} for {size}x{size})")
-        if "A" in im.getbands() or im.mode == "P":
-            im = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -441,6 +462,8 @@ def to_float(x):
 
 def shapes_module(root=DEFAULT_DATA):
     """data/shapes/prepare.py as a module (a script in a data folder, not a package)"""
+    if not os.path.isfile(os.path.join(root, "prepare.py")):
+        fail(f"{os.path.join(root, 'prepare.py')} not found: run from the repository root, or pass --data")
     spec = importlib.util.spec_from_file_location("shapes_prepare", os.path.join(root, "prepare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -590,22 +613,24 @@ def config_from(cls, ckpt, path):
         fail(f"{path!r} has a config this code's {cls.__name__} cannot build ({str(e).splitlines()[0][:100]})")
 
 
-def resume_config(cls, ckpt, path, flags, set_text=None):
-    """--resume continues the checkpoint's config. flags {field: value or None} from the command
-    line, and --set's fields: max_iters and grad_accum may change; any other field must repeat
-    the stored value (the run's own command plus --resume works), and one that asks for another
-    is an error rather than silently ignored."""
+def resume_config(cls, ckpt, path, asked, preset_cfg=None):
+    """--resume continues the checkpoint's config. asked {field: value}: the flags and --set
+    fields given, and with --preset, every field of the config it describes (preset_cfg).
+    max_iters and grad_accum may change; any other field must repeat the stored value (the
+    run's own command plus --resume works), one that asks for another is an error rather than
+    silently ignored."""
     cfg = config_from(cls, ckpt, path)
-    asked = {**parse_set(set_text), **{k: v for k, v in flags.items() if v is not None}}
     unknown = set(asked) - {f.name for f in fields(cls)}
     if unknown:
         fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    change = {k: asked.pop(k) for k in ("max_iters", "grad_accum") if k in asked}
-    clash = [f"{k} {v}, it has {getattr(cfg, k)}" for k, v in asked.items()
-             if (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
+    change = {k: asked[k] for k in ("max_iters", "grad_accum") if k in asked}
+    want = {**(asdict(preset_cfg) if preset_cfg else {}), **asked}
+    clash = [f"{k} {v}, it has {getattr(cfg, k)}" for k, v in want.items() if k not in ("max_iters", "grad_accum")
+             and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
     if clash:
-        fail(f"{path} was trained with other settings (asked: {'; '.join(clash)}); a resumed run keeps its "
-             f"checkpoint's config (only --max-iters and --grad-accum may change)")
+        more = f"; {len(clash) - 4} more" if len(clash) > 4 else ""
+        fail(f"{path} was trained with other settings (asked: {'; '.join(clash[:4])}{more}); a resumed run keeps "
+             f"its checkpoint's config (only --max-iters and --grad-accum may change)")
     try:
         return replace(cfg, **change)
     except ValueError as e:
@@ -780,26 +805,25 @@ def train(args, on_step=None):
     out = args.out
     path = os.path.join(out, "bright.pt")
     ckpt = None
+    flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, bottleneck=args.bottleneck, seed=args.seed,
+                 grad_accum=args.grad_accum, l1_weight=args.l1_weight, gan_weight=args.gan_weight)
+    asked = {**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}  # flags win over --set
     if args.resume:
         ckpt = read_checkpoint(path, "bright")
-        cfg = resume_config(Config, ckpt, path, dict(
-            max_iters=args.max_iters, grad_accum=args.grad_accum, batch_size=args.batch_size, seed=args.seed,
-            bottleneck=args.bottleneck, l1_weight=args.l1_weight, gan_weight=args.gan_weight), args.set)
-        if args.preset and make_config(args.preset).grid != cfg.grid:
-            fail(f"{path} was trained with another config than --preset {args.preset}; drop --preset to resume it")
+        cfg = resume_config(Config, ckpt, path, asked, args.preset and make_config(args.preset, **asked))
     else:
         if os.path.exists(path):
             fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
-        cfg = make_config(args.preset or "tiny", max_iters=args.max_iters, batch_size=args.batch_size,
-                          bottleneck=args.bottleneck, grad_accum=args.grad_accum, **parse_set(args.set),
-                          l1_weight=args.l1_weight, gan_weight=args.gan_weight, seed=args.seed)
+        cfg = make_config(args.preset or "tiny", **asked)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     amp = autocast(device, args.dtype)
-    data = args.data or DEFAULT_DATA
-    if args.data is None and rank == 0:
+    data = args.data or (ckpt or {}).get("data") or DEFAULT_DATA  # a resumed run: its own data
+    if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(ckpt.get("data") or args.data):
+        say(f"note: {path} was trained on {ckpt['data']} so far; it goes on with {args.data}")
+    if data == DEFAULT_DATA and rank == 0:
         prepare_shapes(DEFAULT_DATA)
     if world > 1:
         dist.barrier()
@@ -834,8 +858,8 @@ def train(args, on_step=None):
     ddp, ddisc = ddp_wrap(model, device, world), ddp_wrap(disc, device, world)
 
     def save():
-        atomic_save({"kind": "bright", "config": asdict(cfg), "step": step, "model": model.state_dict(),
-                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "data": data,
+        atomic_save({"kind": "bright", "config": asdict(cfg), "step": step, "seconds": time.time() - t0,
+                     "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "data": data,
                      **({"disc": disc.state_dict(), "disc_optimizer": d_opt.state_dict()} if disc else {})}, path)
 
     stop, restore = catch_stop()
@@ -845,7 +869,8 @@ def train(args, on_step=None):
         log = open(os.path.join(out, "log.csv"), "a")
         if log.tell() == 0:
             log.write("iteration,loss,psnr,seconds\n")
-    t0 = t_last = time.time(); s_last = step
+    t_last, s_last = time.time(), step
+    t0 = t_last - (ckpt or {}).get("seconds", 0)  # training time so far, across resumes (log.csv)
     model.train()
     shares = torch.arange(cfg.batch_size).view(world, cfg.grad_accum, micro)[rank]  # (accum, micro) of this rank
     while step < cfg.max_iters:
@@ -872,6 +897,8 @@ def train(args, on_step=None):
             if gan:
                 fakes.append((y.detach(), x))
         opt.step()
+        if cfg.bottleneck == "vq":
+            model.quantizer.ema_step()
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         if gan:
             d_opt.zero_grad(set_to_none=True)
@@ -973,6 +1000,8 @@ def cmd_eval(args):
 
 
 def cmd_reconstruct(args):
+    if args.n < 1:
+        fail(f"--n must be at least 1, got {args.n}")
     model, cfg, ckpt, device, _, val_x = load_for_command(args)
     x = to_float(val_x[:args.n]).to(device)
     with torch.no_grad():
@@ -982,6 +1011,8 @@ def cmd_reconstruct(args):
 
 def cmd_encode(args):
     model, cfg, ckpt, device, train_x, val_x = load_for_command(args)
+    if cfg.bottleneck != "hash":
+        fail(f"{args.ckpt} is a VQ model: its encoder vectors are not key codes in [0, 1] for diffusion.py")
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
     atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1], "bright_ckpt": args.ckpt,
                  "bright_fingerprint": fingerprint(ckpt["ema"]), "config": asdict(cfg)}, args.out)
@@ -1062,12 +1093,19 @@ def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):
 
 def cmd_compare(args):
     """runs side by side: a markdown table, PSNR-vs-iteration curves, reconstructions"""
+    if args.n < 1:
+        fail(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
+    runs = [load_checkpoint(os.path.join(run, "bright.pt"), device) for run in args.runs]
+    if len({cfg.image_size for _, cfg, _ in runs}) > 1:
+        sizes = ", ".join(f"{r} {c.image_size}^2" for r, (_, c, _) in zip(args.runs, runs))
+        fail(f"compare needs runs of one image size, not {sizes}")
+    # every run on the same validation images: --data, or the first run's
+    _, val_x = load_dataset(args.data or runs[0][2].get("data") or DEFAULT_DATA, runs[0][1].image_size)
+    x = to_float(val_x[:args.n])
     rows, curves, recons = [], {}, []
-    for run in args.runs:
-        model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
+    for run, (model, cfg, ckpt) in zip(args.runs, runs):
         model.backend = args.backend
-        _, val_x = load_dataset(args.data or ckpt.get("data") or DEFAULT_DATA, cfg.image_size)
         p, s, z = evaluate(model, val_x, device)
         u = usage(model, z)
         u = (f"{u['table_usage']['overall']:.1%} of table entries" if "table_usage" in u else
@@ -1082,14 +1120,13 @@ def cmd_compare(args):
         sm = np.convolve(log["psnr"], np.ones(k) / k, mode="valid")
         curves[f"{run} ({cfg.bottleneck})"] = (log["iteration"][k - 1:], sm.tolist())
         with torch.no_grad():
-            x = to_float(val_x[:args.n]).to(device)
-            recons.append(model.decode(model.encode(x)).clamp(-1, 1).cpu())
+            recons.append(model.decode(model.encode(x.to(device))).clamp(-1, 1).cpu())
     print("| run | bottleneck | iterations | PSNR (dB) | SSIM | usage | parameters (network + table/codebook) "
           "| code per image | training time (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     plot_curves(curves, os.path.join(args.out, "curves.png"), "iteration", "training PSNR (dB)")
-    save_grid((torch.cat([x.cpu()] + recons) + 1) / 2, os.path.join(args.out, "recon.png"), nrow=len(x))
+    save_grid((torch.cat([x] + recons) + 1) / 2, os.path.join(args.out, "recon.png"), nrow=len(x))
     print(f"wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'recon.png')} "
           f"(rows: originals, then {', '.join(args.runs)})")
 

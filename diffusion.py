@@ -364,13 +364,12 @@ def train(args, on_step=None):
         say(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
         del bright, images
     N, C, H, _ = codes.shape
+    flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                 seed=args.seed)
+    asked = {**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}  # flags win over --set
     if ckpt:
-        cfg = resume_config(DiffusionConfig, ckpt, path, dict(
-            max_iters=args.max_iters, grad_accum=args.grad_accum, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
-            args.set)
-        unet = lambda c: (c.width, c.mults, c.num_res_blocks, c.attn_lowest)
-        if args.preset and unet(make_config(args.preset, z_channels=C, z_size=H)) != unet(cfg):
-            fail(f"{path} was trained with another config than --preset {args.preset}; drop --preset to resume it")
+        cfg = resume_config(DiffusionConfig, ckpt, path, asked,
+                            args.preset and make_config(args.preset, **{**asked, "z_channels": C, "z_size": H}))
         check_codes(codes, "the training codes", cfg)
         if ckpt.get("bright_fingerprint") not in (None, bright_fp):
             fail(f"{path} was trained on the key codes of another BRIGHT model than {bright_path}")
@@ -380,13 +379,8 @@ def train(args, on_step=None):
         if probe is not None and (N != ckpt["codes_count"] or not torch.allclose(codes[:len(probe)], probe, atol=1e-3)):
             fail(f"the training key codes ({codes_path or data}) are not those {path} was trained on; "
                  f"resume with the same --codes, or --data and --bright-ckpt")
-    else:
-        flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     lr=args.lr, seed=args.seed)
-        # the codes fix C_z and H_z; the flags win over --set, --set over the preset
-        cfg = make_config(args.preset or "tiny", **{**parse_set(args.set),
-                                                    **{k: v for k, v in flags.items() if v is not None},
-                                                    "z_channels": C, "z_size": H})
+    else:  # the codes fix C_z and H_z
+        cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
     check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")

@@ -83,8 +83,9 @@ class GridSpec:
     def __post_init__(self):
         if not 1 <= self.dim <= len(PRIMES):
             raise ValueError(f"GridSpec: dim must be in 1..{len(PRIMES)}, got {self.dim}")
-        if self.levels < 1 or self.features < 1 or not 1 <= self.max_res / self.min_res:
-            raise ValueError(f"GridSpec: bad levels/features/resolutions in {self}")
+        if self.levels < 1 or self.features < 1 or not 1 <= self.min_res <= self.max_res:
+            raise ValueError(f"GridSpec: need levels, features >= 1 and 1 <= min_res <= max_res, got L={self.levels}, "
+                             f"F={self.features}, res {self.min_res}->{self.max_res}")
         if not 3 <= self.log2_table_size <= 30:
             raise ValueError("GridSpec: log2_table_size must be in 3..30")
         T = 1 << self.log2_table_size

@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 
 import json
 import math
+from re import escape as re_escape
 import subprocess
 import sys
 import textwrap
@@ -267,6 +268,24 @@ def test_presets_build_with_paper_shapes(preset):
         assert (cfg.groups, cfg.grid.dim, cfg.c_d, cfg.feat_size) == (16, 3, 512, 64)
 
 
+@pytest.mark.parametrize("fields,msg", [
+    (dict(eval_every=0), "eval_every must be at least 1"),
+    (dict(z_channels=0), "z_channels, c_key and eval_every must be at least 1"),
+    (dict(image_size=8, z_size=2, feat_size=2), "SSIM's 11x11 window"),
+    (dict(min_res=64), "1 <= min_res <= max_res"),
+    (dict(log2_table_size=2), "log2_table_size must be in 3..30"),
+    (dict(batch_size=0), "positive multiple of grad_accum"),
+])
+def test_config_errors_are_one_line(fields, msg):
+    with pytest.raises(SystemExit, match="^error: inconsistent config: .*" + re_escape(msg)):
+        make_config("tiny", **fields)
+
+
+def test_missing_shapes_script_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="prepare.py not found: run from the repository root"):
+        bright.shapes_module(str(tmp_path))
+
+
 def test_model_cost_counts_macs_not_flops(micro):
     # a 3x3 conv costs 9*H*W*Cin*Cout multiply-adds: check the counter's unit on one layer
     from torch.utils.flop_counter import FlopCounterMode
@@ -346,14 +365,24 @@ def test_loader_modes_and_split(tmp_path, capsys):
     Image.new("RGB", (2, 2)).save(d / "tiny.jpg")                      # too small: skipped
     (d / "corrupt.png").write_bytes(b"not a png")                     # skipped
     (d / "notes.txt").write_text("ignored")
+    Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(d / "grey16.png")  # 16-bit: scaled, not clipped
+    Image.new("RGB", (20, 20)).save(d / "trns.png", transparency=(0, 0, 0))      # transparent colour: white
+    a = np.zeros((10, 20, 3), np.uint8); a[:, 10:] = 255                        # left black, right white,
+    im = Image.fromarray(a); exif = im.getexif(); exif[0x0112] = 6              # to be turned 90° clockwise:
+    im.save(d / "exif.jpg", exif=exif, quality=95)                               # black on top, white below
+    write_images(tmp_path / "elsewhere", 3, start=100)
+    os.symlink(tmp_path / "elsewhere", d / "linked")                            # a symlinked folder is read
     train, val = bright.load_dataset(str(d), 16)
     assert train.dtype == torch.uint8 and train.shape[1:] == (3, 16, 16)
-    assert len(train) + len(val) == 32 and len(val) >= 1
+    assert len(train) + len(val) == 38 and len(val) >= 1
     assert "skipped 2 unusable" in capsys.readouterr().err
     train2, val2 = bright.load_dataset(str(d), 16)
     assert torch.equal(val, val2)  # deterministic split
-    imgs = {tuple(bright.read_image(str(d / n), 16)[:, 0, 0].tolist()) for n in ("gray.png", "rgba.png")}
-    assert imgs == {(128, 128, 128), (255, 255, 255)}
+    read = lambda name: bright.read_image(str(d / name), 8)
+    assert [tuple(read(n)[:, 0, 0].tolist()) for n in ("gray.png", "rgba.png", "grey16.png", "trns.png")] == [
+        (128, 128, 128), (255, 255, 255), (128, 128, 128), (255, 255, 255)]
+    e = read("exif.jpg").float().mean(0)                                       # (8, 8)
+    assert e[:2].mean() < 30 and e[-2:].mean() > 225
 
 
 @pytest.mark.parametrize("setup,msg", [
@@ -366,6 +395,28 @@ def test_loader_errors(tmp_path, setup, msg):
     setup(d)
     with pytest.raises(SystemExit, match=msg):
         bright.load_dataset(str(d), 16)
+
+
+def test_ffhq_prepare(tmp_path, monkeypatch):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "ffhq", "prepare.py")
+    spec = importlib.util.spec_from_file_location("ffhq_prepare", path)
+    ffhq = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ffhq_prepare", ffhq)  # its worker pool pickles convert() by module name
+    spec.loader.exec_module(ffhq)
+    src, root = tmp_path / "src", tmp_path / "ffhq"
+    write_images(src, 4)                                                           # 000..003.png, 20x23
+    Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(src / "004.png")     # 16-bit grey, validation
+    ffhq.prepare(str(src), str(root), size=16, n_val=1, workers=1, quiet=True)
+    assert ffhq.is_prepared(str(root))
+    assert sorted(os.listdir(root / "train")) == [".complete", "00000.png", "00001.png", "00002.png", "00003.png"]
+    v = np.asarray(Image.open(root / "val" / "00000.png"))
+    assert v.shape == (16, 16, 3) and (v == 128).all()                             # scaled, not clipped at 255
+    # the source inside an output folder (emptied first) or around one: refused, nothing deleted
+    for bad_src in (root / "train", tmp_path):
+        with pytest.raises(SystemExit, match="overlap"):
+            ffhq.prepare(str(bad_src), str(root), size=16, n_val=1, workers=1, quiet=True)
+    assert len(os.listdir(root / "train")) == 5
 
 
 def shapes_generator():
@@ -502,7 +553,7 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     ck = out / "bright.pt"
     with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run silently
         run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
-    with pytest.raises(SystemExit, match="another config"):
+    with pytest.raises(SystemExit, match="other settings .*image_size 64, it has 16"):  # --preset: all of it
         run("train", "--preset", "tiny", "--data", data16, "--out", out, "--resume")
     with pytest.raises(SystemExit, match="keeps its checkpoint's config"):   # --set would be ignored
         run("train", "--data", data16, "--out", out, "--resume", "--set", '{"lr": 0.01}')
@@ -512,6 +563,18 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     run("train", "--preset", "micro", "--data", data16, "--out", out, "--resume", "--seed", 0, "--max-iters", 3,
         "--set", json.dumps(MICRO))
     assert torch.load(ck, weights_only=True)["step"] == 3
+    # without --data, a resumed run trains on its own data (not data/shapes); time adds up
+    seconds = torch.load(ck, weights_only=True)["seconds"]
+    capsys.readouterr()
+    run("train", "--out", out, "--resume", "--max-iters", 4)
+    assert f"from {data16}" in capsys.readouterr().out
+    c = torch.load(ck, weights_only=True)
+    assert c["data"] == str(data16) and c["seconds"] > seconds
+    # a new run: --set may name any field, a flag wins over it
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / "s", "--max-iters", 1,
+        "--set", '{"seed": 3, "batch_size": 2}', "--seed", 4)
+    assert {k: torch.load(tmp_path / "s" / "bright.pt", weights_only=True)["config"][k]
+            for k in ("seed", "batch_size")} == {"seed": 4, "batch_size": 2}
     capsys.readouterr()
     run("eval", "--ckpt", ck, "--data", data16, "--json")
     r = json.loads(capsys.readouterr().out)
@@ -569,16 +632,20 @@ def test_vq_model_gradient_reaches_the_encoder(micro):
 
 def test_vq_ema_moves_an_entry_toward_its_assigned_mean():
     vq = bright.VectorQuantizer(4, 2, decay=0.9).train()
-    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]]))
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [-5.0, -5.0], [-5.0, 5.0], [5.0, -5.0]]))  # the last 3: unused
     vq.embed_sum.copy_(vq.codebook)
     before = vq.codebook.clone()
     z = torch.tensor([[1.0, 1.2], [0.8, 1.0], [1.2, 0.8]]).reshape(1, 3, 1, 2).permute(0, 3, 1, 2)  # (1, 2, 1, 3)
     _, idx, _ = vq(z)
-    assert (idx == 0).all()
+    assert (idx == 0).all() and torch.equal(vq.codebook, before)            # the forward only counts
+    vq.ema_step()                                                           # one step per optimizer step
     mean = torch.tensor([1.0, 1.0])
     assert (vq.codebook[0] - mean).norm() < (before[0] - mean).norm()      # toward the mean...
     assert (vq.codebook[0] - mean).norm() > 0                               # ...by an EMA step, not a jump
-    assert torch.allclose(vq.codebook[1:], before[1:], atol=1e-4)           # unused entries stay (plain VQ)
+    assert torch.allclose(vq.codebook[1:], before[1:], atol=1e-4)           # unused entries barely move
+    for _ in range(200):                                                    # but dead ones decay towards 0
+        vq(z); vq.ema_step()
+    assert vq.codebook[1:].norm(dim=1).max() < 0.1 * before[1:].norm(dim=1).min()
 
 
 def test_codebook_usage_and_perplexity_hand_cases():
@@ -624,6 +691,10 @@ def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
     assert r["code_bits_per_image"] == 4 * 4 * 5          # 4x4 indices of log2(32) bits
     with pytest.raises(SystemExit, match="hash-bottleneck"):
         run("eval", "--ckpt", v / "bright.pt", "--data", data16, "--quantize-bits", "4")
+    with pytest.raises(SystemExit, match="VQ model"):
+        run("encode", "--ckpt", v / "bright.pt", "--data", data16, "--out", tmp_path / "codes.pt")
+    with pytest.raises(SystemExit, match="--n must be at least 1"):
+        run("compare", h, v, "--data", data16, "--out", tmp_path / "cmp", "--n", 0)
     run("compare", h, v, "--data", data16, "--out", tmp_path / "cmp", "--n", 4)
     out = capsys.readouterr().out
     assert out.count("| hash |") == 1 and out.count("| vq |") == 1
@@ -674,6 +745,11 @@ def test_grad_accum_equals_the_whole_batch(micro, data16, tmp_path):
     assert torch.allclose(ma.encoder[0].weight, mb.encoder[0].weight, atol=1e-5)
     with pytest.raises(SystemExit, match="multiple"):
         step_losses(["--data", data16, "--max-iters", 1, "--batch-size", 4, "--grad-accum", 3], tmp_path, "d")
+    # the VQ codebook takes one EMA step per optimizer step, from all its micro-batches
+    vq = ["--data", data16, "--max-iters", 3, "--batch-size", 4, "--bottleneck", "vq", "--set", '{"codebook_size": 16}']
+    (a, ma), (b, mb) = step_losses(vq, tmp_path, "va"), step_losses(vq + ["--grad-accum", 2], tmp_path, "vb")
+    assert b == pytest.approx(a, rel=1e-4)
+    assert torch.allclose(ma.quantizer.codebook, mb.quantizer.codebook, atol=1e-5)
 
 
 def test_bfloat16_is_for_cuda_only(micro, data16, tmp_path):
@@ -1440,7 +1516,7 @@ def test_bad_inputs(world, tmp_path):
         ([*train_args(world, tmp_path / "x", 0)], "--max-iters must be at least 1"),
         ([*train_args(world, tmp_path / "x", 1), "--log-every", 0], "--log-every must be at least 1"),
         ([*train_args(world, ok, 1), "--resume"], "nothing to train: .* is at step 1"),
-        ([*train_args(world, ok, 2), "--resume", "--preset", "bright16"], "another config than --preset bright16"),
+        ([*train_args(world, ok, 2), "--resume", "--preset", "bright16"], r"other settings \(asked: width 128, it has 32; .* more\)"),
     ]
     for argv, msg in cases:
         with pytest.raises(SystemExit, match="^error: .*" + msg):

@@ -26,6 +26,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 from PIL import Image, ImageOps
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -71,6 +72,9 @@ def convert(task):
         f = _zip.open(name) if _zip is not None else open(os.path.join(src, name), "rb")
         with f, Image.open(f) as img:
             img = ImageOps.exif_transpose(img)  # phone JPEGs in some mirrors store rotation in EXIF
+            if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+                # 16-bit grey: scale to 8 bits (convert() would clip at 255)
+                img = Image.fromarray((np.asarray(img).astype(np.float64) / 257).round().astype(np.uint8))
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 # flatten onto white rather than let convert() expose whatever colour the
                 # fully transparent pixels happen to hold
@@ -91,6 +95,14 @@ def prepare(src, root=os.path.dirname(os.path.abspath(__file__)), size=256, n_va
             workers=None, quiet=False):
     if not os.path.exists(src):
         sys.exit(f"error: --src {src} does not exist")
+    # root/train and root/val are emptied, then written: neither may hold the source, or lie in it
+    inside = lambda a, b: a == b or a.startswith(b + os.sep)
+    s = os.path.realpath(src)
+    for split in ("train", "val"):
+        d = os.path.realpath(os.path.join(root, split))
+        if inside(s, d) or (os.path.isdir(src) and inside(d, s)):
+            sys.exit(f"error: --src {src} and the output folder {os.path.join(root, split)} overlap (it is emptied, "
+                     f"then written): point --src at a folder of source images only")
     try:
         names = list_images(src)
     except zipfile.BadZipFile as e:
