@@ -577,8 +577,12 @@ def atomic_save(obj, path):
     """temp file + rename: an interrupt never leaves a half-written checkpoint"""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:  # interrupted: the old file stays, the partial one goes
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_checkpoint(path, kind, hint="train one first"):
@@ -775,6 +779,11 @@ def check_run_flags(args, start, max_iters, path):
              else f"--max-iters must be at least 1, got {max_iters}")
 
 
+def learning_rate(cfg, step):
+    """cosine decay from cfg.lr at step 0 to cfg.lr * lr_final at max_iters (lr_final 1: constant)"""
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.max_iters)) / 2)
+
+
 def step_stats(stats, stop, world):
     """stats (k,) tensor of this rank's step means -> (the means over all ranks..., stop?):
     one small all-reduce that also makes every rank take the same decision to stop"""
@@ -877,8 +886,8 @@ def train(args, on_step=None):
         torch.manual_seed(step_seed(cfg.seed, step))  # batch and key-code noise depend on the step alone: exact resume
         idx = torch.randint(len(train_x), (cfg.batch_size,))
         noise = torch.randn(cfg.batch_size, cfg.z_channels, cfg.z_size, cfg.z_size)
-        for g in opt.param_groups:  # cosine decay from lr to lr * lr_final over max_iters
-            g["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.max_iters)) / 2)
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(2, device=device)  # loss, psnr: means over this rank's share of the batch
         fakes, gan = [], disc is not None and step >= cfg.gan_start

@@ -101,6 +101,12 @@ class Diffusion:
             fail(f"--steps must be in 1..{self.T}, got {steps}")
         return torch.linspace(self.T, 1, steps).round().long().unique_consecutive().tolist()
 
+    @staticmethod
+    def ddim_sigma(a, a_s, eta):
+        """DDIM eq. 16: the noise of a step from abar_t = a to abar_s = a_s; at eta = 1 and s = t - 1
+        it is DDPM's posterior standard deviation sqrt(beta~_t)"""
+        return eta * math.sqrt((1 - a_s) / (1 - a) * (1 - a / a_s))
+
     @torch.no_grad()
     def ddim_sample(self, model, shape, device, steps=50, eta=0.0, generator=None):
         """DDIM eq. 12 from t to the next timestep s of the sub-sequence (s = 0 last):
@@ -112,7 +118,7 @@ class Diffusion:
         for t, s in zip(ts, ts[1:] + [0]):
             a, a_s = self.abar64[t].item(), self.abar64[s].item()
             x0, eps = self.predict(model, x, t)
-            sigma = eta * math.sqrt((1 - a_s) / (1 - a) * (1 - a / a_s))
+            sigma = self.ddim_sigma(a, a_s, eta)
             x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma ** 2, 0.0)) * eps
             if sigma > 0:
                 x = x + sigma * torch.randn(shape, device=device, generator=generator)
@@ -328,6 +334,12 @@ def decode_all(bright, codes, device, bs=64):
 
 # ----------------------------------------------------------------------------- commands
 
+def learning_rate(cfg, step):
+    """linear warm-up over cfg.warmup steps, then cosine decay from cfg.lr to cfg.lr / 10 at
+    max_iters (the smaller of the two)"""
+    return cfg.lr * min((step + 1) / max(cfg.warmup, 1), 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_iters))
+
+
 def train(args, on_step=None):
     """Single process, or DDP under torchrun, as bright.train: each step's batch, t and noise
     are drawn from the step's seed on every rank and rank r trains on its share, so any world
@@ -427,7 +439,7 @@ def train(args, on_step=None):
         t = torch.randint(1, cfg.timesteps + 1, (cfg.batch_size,))          # DDPM Algorithm 1: t ~ U{1..T}
         eps = torch.randn(cfg.batch_size, C, H, H)                           # eps ~ N(0, I)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min((step + 1) / max(cfg.warmup, 1), 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_iters))
+            g["lr"] = learning_rate(cfg, step)
         # dropout masks: one seed per micro-batch slot of the step (rank x micro-batch), drawn alike
         # on every rank, so that the ranks' masks are independent and a resumed run redraws them
         mask_seeds = torch.randint(2 ** 62, (world, cfg.grad_accum))[rank]
