@@ -343,8 +343,9 @@ def learning_rate(cfg, step):
 def train(args, on_step=None):
     """Single process, or DDP under torchrun, as bright.train: each step's batch, t and noise
     are drawn from the step's seed on every rank and rank r trains on its share, so any world
-    size and --grad-accum give the same steps (up to the dropout masks, drawn per micro-batch,
-    when dropout > 0). on_step(step, model, loss) after every step."""
+    size and --grad-accum give the same steps (with dropout, those of the same number of
+    micro-batch slots, processes x --grad-accum: each slot has its own mask seed).
+    on_step(step, model, loss) after every step."""
     rank, world, device = setup_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.data and args.codes:
