@@ -104,7 +104,7 @@ class VectorQuantizer(nn.Module):
         # as if each entry had been assigned once, to itself: a fresh entry starts where it is
         self.register_buffer("cluster_size", torch.ones(K))
         self.register_buffer("embed_sum", e.clone())
-        self.stats = []  # (counts, sums, vectors) of the forward passes since the last ema_step
+        self.pending = None  # (counts, sums, last vectors) of the training passes since the last ema_step
 
     def assign(self, v):
         """vectors (M, dim) -> index of the nearest entry (M,)"""
@@ -113,14 +113,18 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z):
         """z (B, dim, H, W) -> (quantized z with a straight-through gradient, indices (B, H, W),
-        commitment loss). In training mode, also the assignment counts for ema_step."""
+        commitment loss). In training mode, also the assignment counts for ema_step, which the
+        training loop calls after each optimizer step."""
         B, C, H, W = z.shape
         v = z.permute(0, 2, 3, 1).reshape(-1, C).float()   # (M = B*H*W, dim)
         idx = self.assign(v.detach())
         q = self.codebook[idx]
         if self.training:  # one EMA step per optimizer step, whatever the micro-batches
             onehot = F.one_hot(idx, self.K).type_as(v)                      # (M, K)
-            self.stats.append((onehot.sum(0), onehot.t() @ v.detach(), v.detach()))
+            counts, sums = onehot.sum(0), onehot.t() @ v.detach()           # (K,), (K, dim)
+            if self.pending is not None:
+                counts, sums = counts + self.pending[0], sums + self.pending[1]
+            self.pending = (counts, sums, v.detach())
         commit = F.mse_loss(v, q.detach())
         q = v + (q - v).detach()                           # straight-through: dq/dz = identity
         return q.reshape(B, H, W, C).permute(0, 3, 1, 2).to(z.dtype), idx.reshape(B, H, W), commit
@@ -129,11 +133,9 @@ class VectorQuantizer(nn.Module):
     def ema_step(self, eps=1e-5):
         """move the codebook to the EMA of the vectors assigned since the last call (the
         micro-batches of one optimizer step, on every rank)"""
-        if not self.stats:
+        if self.pending is None:
             return
-        counts, sums = sum(c for c, _, _ in self.stats), sum(s for _, s, _ in self.stats)  # (K,), (K, dim)
-        v = self.stats[-1][2]
-        self.stats.clear()
+        (counts, sums, v), self.pending = self.pending, None
         if dist.is_initialized():  # every rank applies the same update: its buffers stay equal
             dist.all_reduce(counts); dist.all_reduce(sums)
         self.cluster_size.lerp_(counts, 1 - self.decay)
@@ -189,6 +191,8 @@ class Config:
 
     def __post_init__(self):
         self.enc_widths, self.dec_widths = tuple(self.enc_widths), tuple(self.dec_widths)
+        if not 0 <= self.seed < 2 ** 31:
+            raise ValueError("seed must be in 0..2^31-1")
         if self.z_channels < 1 or self.c_key < 1 or self.eval_every < 1:
             raise ValueError("z_channels, c_key and eval_every must be at least 1")
         if self.image_size < 11:
@@ -404,9 +408,12 @@ def list_images(root):
 def to_rgb(im):
     """any PIL image -> RGB: EXIF orientation applied, transparency (alpha or a transparent
     colour) composited on white, 16-bit grey scaled to 8 bits (convert() would clip it at 255)"""
-    im = ImageOps.exif_transpose(im)
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block: the pixels are fine, take them as stored
+        pass
     if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
-        im = Image.fromarray((np.asarray(im).astype(np.float64) / 257).round().astype(np.uint8))
+        im = Image.fromarray((np.asarray(im).astype(np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if "A" in im.getbands() or im.mode == "P" or "transparency" in im.info:
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     return im.convert("RGB")
@@ -1105,15 +1112,18 @@ def cmd_compare(args):
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
-    runs = [load_checkpoint(os.path.join(run, "bright.pt"), device) for run in args.runs]
-    if len({cfg.image_size for _, cfg, _ in runs}) > 1:
-        sizes = ", ".join(f"{r} {c.image_size}^2" for r, (_, c, _) in zip(args.runs, runs))
-        fail(f"compare needs runs of one image size, not {sizes}")
+    paths = [os.path.join(run, "bright.pt") for run in args.runs]
+    heads = [read_checkpoint(p, "bright") for p in paths]
+    sizes = [config_from(Config, h, p).image_size for h, p in zip(heads, paths)]
+    if len(set(sizes)) > 1:
+        fail(f"compare needs runs of one image size, not {', '.join(f'{r} {s}^2' for r, s in zip(args.runs, sizes))}")
     # every run on the same validation images: --data, or the first run's
-    _, val_x = load_dataset(args.data or runs[0][2].get("data") or DEFAULT_DATA, runs[0][1].image_size)
+    _, val_x = load_dataset(args.data or heads[0].get("data") or DEFAULT_DATA, sizes[0])
+    del heads
     x = to_float(val_x[:args.n])
     rows, curves, recons = [], {}, []
-    for run, (model, cfg, ckpt) in zip(args.runs, runs):
+    for run, path in zip(args.runs, paths):
+        model, cfg, ckpt = load_checkpoint(path, device)
         model.backend = args.backend
         p, s, z = evaluate(model, val_x, device)
         u = usage(model, z)

@@ -218,6 +218,8 @@ class DiffusionConfig:
                              f"(UNet mults {self.mults}): H_z must be a multiple of {2 ** (len(self.mults) - 1)}")
         if not 0 <= self.attn_lowest <= len(self.mults):
             raise ValueError(f"attn_lowest must be in 0..{len(self.mults)}")
+        if not 0 <= self.seed < 2 ** 31:
+            raise ValueError("seed must be in 0..2^31-1")
         if self.width < 2 or self.width % 2:
             raise ValueError(f"width must be even (the sinusoidal time embedding), got {self.width}")
         if self.warmup < 0:
@@ -366,7 +368,7 @@ def train(args, on_step=None):
             b = read_checkpoint(args.bright_ckpt, "bright")
             if bright_fp and fingerprint(b["ema"]) != bright_fp:
                 fail(f"{codes_path} holds key codes of another BRIGHT model than {args.bright_ckpt}")
-            bright_path, bright_cfg = args.bright_ckpt, b["config"]
+            bright_path, bright_cfg, bright_fp = args.bright_ckpt, b["config"], fingerprint(b["ema"])
     else:
         bright_path = args.bright_ckpt or (ckpt["bright_ckpt"] if ckpt else DEFAULT_BRIGHT)
         bright, bcfg, bckpt = load_bright(bright_path, device)
@@ -384,12 +386,13 @@ def train(args, on_step=None):
         cfg = resume_config(DiffusionConfig, ckpt, path, asked,
                             args.preset and make_config(args.preset, **{**asked, "z_channels": C, "z_size": H}))
         check_codes(codes, "the training codes", cfg)
-        if ckpt.get("bright_fingerprint") not in (None, bright_fp):
+        if None not in (ckpt.get("bright_fingerprint"), bright_fp) and ckpt["bright_fingerprint"] != bright_fp:
             fail(f"{path} was trained on the key codes of another BRIGHT model than {bright_path}")
+        bright_fp = bright_fp or ckpt.get("bright_fingerprint")  # a codes file without one: the run's stays
         # the same images encoded by the same weights again differ by float rounding (~1e-6, on
         # other hardware or thread counts); other images by ~0.1
         probe = ckpt.get("codes_probe")
-        if probe is not None and (N != ckpt["codes_count"] or not torch.allclose(codes[:len(probe)], probe, atol=1e-3)):
+        if probe is not None and (N != ckpt["codes_count"] or not torch.allclose(codes[:len(probe)].float(), probe.float(), atol=1e-3)):
             fail(f"the training key codes ({codes_path or data}) are not those {path} was trained on; "
                  f"resume with the same --codes, or --data and --bright-ckpt")
     else:  # the codes fix C_z and H_z

@@ -7,8 +7,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
+import io
 import json
 import math
+import struct
+import zlib
 from re import escape as re_escape
 import subprocess
 import sys
@@ -279,6 +282,7 @@ def test_presets_build_with_paper_shapes(preset):
     (dict(min_res=64), "1 <= min_res <= max_res"),
     (dict(log2_table_size=2), "log2_table_size must be in 3..30"),
     (dict(batch_size=0), "positive multiple of grad_accum"),
+    (dict(seed=2 ** 31), "seed must be in 0..2^31-1"),
 ])
 def test_config_errors_are_one_line(fields, msg):
     with pytest.raises(SystemExit, match="^error: inconsistent config: .*" + re_escape(msg)):
@@ -464,15 +468,20 @@ def test_loader_modes_and_split(tmp_path, capsys):
     im.save(d / "exif.jpg", exif=exif, quality=95)                               # black on top, white below
     write_images(tmp_path / "elsewhere", 3, start=100)
     os.symlink(tmp_path / "elsewhere", d / "linked")                            # a symlinked folder is read
+    png = io.BytesIO(); Image.new("RGB", (20, 20), (0, 0, 255)).save(png, "PNG")
+    junk = b"eXIf" + b"\xff" * 20                                                # a malformed EXIF block:
+    chunk = struct.pack(">I", 20) + junk + struct.pack(">I", zlib.crc32(junk))  # the pixels still read
+    (d / "badexif.png").write_bytes(png.getvalue()[:33] + chunk + png.getvalue()[33:])
     train, val = bright.load_dataset(str(d), 16)
     assert train.dtype == torch.uint8 and train.shape[1:] == (3, 16, 16)
-    assert len(train) + len(val) == 38 and len(val) >= 1
+    assert len(train) + len(val) == 39 and len(val) >= 1
     assert "skipped 2 unusable" in capsys.readouterr().err
     train2, val2 = bright.load_dataset(str(d), 16)
     assert torch.equal(val, val2)  # deterministic split
     read = lambda name: bright.read_image(str(d / name), 8)
-    assert [tuple(read(n)[:, 0, 0].tolist()) for n in ("gray.png", "rgba.png", "grey16.png", "trns.png")] == [
-        (128, 128, 128), (255, 255, 255), (128, 128, 128), (255, 255, 255)]
+    names = ("gray.png", "rgba.png", "grey16.png", "trns.png", "badexif.png")
+    assert [tuple(read(n)[:, 0, 0].tolist()) for n in names] == [
+        (128, 128, 128), (255, 255, 255), (128, 128, 128), (255, 255, 255), (0, 0, 255)]
     e = read("exif.jpg").float().mean(0)                                       # (8, 8)
     assert e[:2].mean() < 30 and e[-2:].mean() > 225
 
@@ -489,13 +498,13 @@ def test_loader_errors(tmp_path, setup, msg):
         bright.load_dataset(str(d), 16)
 
 
-def test_ffhq_prepare(tmp_path, monkeypatch):
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "ffhq", "prepare.py")
-    spec = importlib.util.spec_from_file_location("ffhq_prepare", path)
-    ffhq = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "ffhq_prepare", ffhq)  # its worker pool pickles convert() by module name
-    spec.loader.exec_module(ffhq)
+def test_ffhq_prepare(tmp_path, monkeypatch, request):
+    import importlib
+    # an importable module (its worker pool pickles convert() by name, and spawned workers
+    # import it again from sys.path); removed from sys.modules afterwards
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "ffhq"))
+    request.addfinalizer(lambda: sys.modules.pop("prepare", None))
+    ffhq = importlib.import_module("prepare")
     src, root = tmp_path / "src", tmp_path / "ffhq"
     write_images(src, 4)                                                           # 000..003.png, 20x23
     Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(src / "004.png")     # 16-bit grey, validation
@@ -729,7 +738,9 @@ def test_vq_ema_moves_an_entry_toward_its_assigned_mean():
     before = vq.codebook.clone()
     z = torch.tensor([[1.0, 1.2], [0.8, 1.0], [1.2, 0.8]]).reshape(1, 3, 1, 2).permute(0, 3, 1, 2)  # (1, 2, 1, 3)
     _, idx, _ = vq(z)
-    assert (idx == 0).all() and torch.equal(vq.codebook, before)            # the forward only counts
+    assert (idx == 0).all() and torch.equal(vq.codebook, before)            # the forward only counts,
+    vq(z)                                                                   # summed until ema_step (bounded)
+    assert vq.pending[0].tolist() == [6, 0, 0, 0] and vq.pending[1].shape == (4, 2)
     vq.ema_step()                                                           # one step per optimizer step
     mean = torch.tensor([1.0, 1.0])
     assert (vq.codebook[0] - mean).norm() < (before[0] - mean).norm()      # toward the mean...
@@ -1550,6 +1561,14 @@ def test_resume_and_sampling_check_which_codes_and_bright(world, tmp_path, capsy
     capsys.readouterr()
     diff_run("train", "--out", run, "--max-iters", 2, "--resume")
     assert "encoded" not in capsys.readouterr().out
+    # the same codes in a file without a fingerprint (an older encode), or in half precision: accepted
+    old = torch.load(codes, weights_only=True)
+    del old["bright_fingerprint"]
+    torch.save(old, tmp_path / "old_codes.pt")
+    torch.save({**old, "codes": old["codes"].half()}, tmp_path / "half_codes.pt")
+    diff_run("train", "--codes", tmp_path / "old_codes.pt", "--out", run, "--max-iters", 3, "--resume")
+    diff_run("train", "--codes", tmp_path / "old_codes.pt", "--bright-ckpt", b8, "--out", run, "--max-iters", 4, "--resume")
+    diff_run("train", "--codes", tmp_path / "half_codes.pt", "--out", run, "--max-iters", 5, "--resume")
     with pytest.raises(SystemExit, match="^error: .*key codes of another BRIGHT model than"):
         diff_run("train", "--codes", codes, "--bright-ckpt", tmp_path / "other.pt", "--out", tmp_path / "x")
     with pytest.raises(SystemExit, match="^error: .* key codes of another BRIGHT model than"):

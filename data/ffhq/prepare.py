@@ -71,10 +71,13 @@ def convert(task):
     try:
         f = _zip.open(name) if _zip is not None else open(os.path.join(src, name), "rb")
         with f, Image.open(f) as img:
-            img = ImageOps.exif_transpose(img)  # phone JPEGs in some mirrors store rotation in EXIF
+            try:
+                img = ImageOps.exif_transpose(img)  # phone JPEGs in some mirrors store rotation in EXIF
+            except Exception:  # a malformed EXIF block: the pixels are fine, take them as stored
+                pass
             if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
                 # 16-bit grey: scale to 8 bits (convert() would clip at 255)
-                img = Image.fromarray((np.asarray(img).astype(np.float64) / 257).round().astype(np.uint8))
+                img = Image.fromarray((np.asarray(img).astype(np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 # flatten onto white rather than let convert() expose whatever colour the
                 # fully transparent pixels happen to hold
