@@ -390,6 +390,21 @@ def test_learning_rate_schedules():
         [0.1, 0.5, 0.55, 0.55 + 0.45 * math.cos(math.pi * 0.99)])      # warm-up, then the cosine
 
 
+def test_trainers_follow_their_lr_schedules(micro, data16, world, tmp_path):
+    # the optimizer's lr at the last step is the schedule's (not the constant base lr)
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / "b", "--max-iters", 3,
+        "--set", '{"lr_final": 0.1}')
+    ck = torch.load(tmp_path / "b" / "bright.pt", weights_only=True)
+    cfg = Config(**ck["config"])
+    lr = ck["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(bright.learning_rate(cfg, 2)) and lr < 0.9 * cfg.lr
+    diff_run(*train_args(world, tmp_path / "d", 3))
+    ck = torch.load(tmp_path / "d" / "ddpm.pt", weights_only=True)
+    cfg = diffusion.DiffusionConfig(**ck["config"])
+    lr = ck["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(diffusion.learning_rate(cfg, 2)) and lr < 0.1 * cfg.lr     # in the warm-up
+
+
 def test_psnr_and_ssim_known_values():
     a = torch.zeros(2, 3, 16, 16)
     assert bright.psnr(a, a + 0.2).tolist() == pytest.approx([20.0, 20.0])   # [0, 1] error 0.1: 20 dB
