@@ -94,8 +94,9 @@ class VectorQuantizer(nn.Module):
     passes straight through; a commitment loss ||z - sg(e)||^2 keeps the encoder near its
     entries; the codebook is not trained by the optimizer but moved to an EMA of the vectors
     assigned to it (VQ-VAE appendix A.1), once per optimizer step (ema_step). An entry nobody
-    picks is dead: its EMA sums decay, drawing it slowly towards 0 (~1/(1 - decay) steps), as
-    in the paper's VQ baselines; `restart` re-seeds such entries from the batch instead."""
+    picks is dead, as in the paper's VQ baselines: it stays put while its EMA count decays,
+    then collapses towards 0 once the count nears the smoothing eps (after ~ln(1/eps) /
+    (1 - decay) steps: ~1150 at decay 0.99); `restart` re-seeds such entries from the batch."""
     def __init__(self, K, dim, decay=0.99, restart=False):
         super().__init__()
         self.K, self.decay, self.restart = K, decay, restart
@@ -266,7 +267,7 @@ def preset_config(cls, presets, preset, overrides, why=""):
         fail(f"unknown config field(s): {', '.join(sorted(unknown))}")
     try:
         return cls(**{**presets[preset], **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a value of the wrong type, e.g. "enc_widths": 3
         fail(f"{why}{e}")
 
 

@@ -596,9 +596,11 @@ def parser():
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    common.add_argument("--bright-ckpt", help=f"BRIGHT checkpoint (train: {DEFAULT_BRIGHT}; else the DDPM's own)")
+    common.add_argument("--bright-ckpt", help=f"BRIGHT checkpoint (train: the codes file's, the resumed run's, or "
+                        f"{DEFAULT_BRIGHT}; sample, neighbors: the DDPM's own)")
     t = sub.add_parser("train", parents=[common], help="train the diffusion model on key codes")
-    t.add_argument("--data", help="image folder to encode (default: the one BRIGHT was trained on)")
+    t.add_argument("--data", help="image folder to encode (default: the resumed run's, else the one BRIGHT was "
+                   "trained on)")
     t.add_argument("--codes", help="key codes written by: python bright.py encode")
     t.add_argument("--preset", choices=list(PRESETS), help="default: tiny")
     t.add_argument("--out", default=DEFAULT_OUT)

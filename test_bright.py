@@ -283,6 +283,7 @@ def test_presets_build_with_paper_shapes(preset):
     (dict(log2_table_size=2), "log2_table_size must be in 3..30"),
     (dict(batch_size=0), "positive multiple of grad_accum"),
     (dict(seed=2 ** 31), "seed must be in 0..2^31-1"),
+    (dict(enc_widths=3), "not iterable"),                      # a value of the wrong type: one line too
 ])
 def test_config_errors_are_one_line(fields, msg):
     with pytest.raises(SystemExit, match="^error: inconsistent config: .*" + re_escape(msg)):
@@ -761,8 +762,8 @@ def test_vq_ema_moves_an_entry_toward_its_assigned_mean():
     assert (vq.codebook[0] - mean).norm() < (before[0] - mean).norm()      # toward the mean...
     assert (vq.codebook[0] - mean).norm() > 0                               # ...by an EMA step, not a jump
     assert torch.allclose(vq.codebook[1:], before[1:], atol=1e-4)           # unused entries barely move
-    for _ in range(200):                                                    # but dead ones decay towards 0
-        vq(z); vq.ema_step()
+    for _ in range(200):                          # but dead ones collapse towards 0 once their count,
+        vq(z); vq.ema_step()                      # decaying by 0.9 a step, nears eps (~115 steps)
     assert vq.codebook[1:].norm(dim=1).max() < 0.1 * before[1:].norm(dim=1).min()
 
 
