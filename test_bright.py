@@ -814,6 +814,11 @@ def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
         run("encode", "--ckpt", v / "bright.pt", "--data", data16, "--out", tmp_path / "codes.pt")
     with pytest.raises(SystemExit, match="--n must be at least 1"):
         run("compare", h, v, "--data", data16, "--out", tmp_path / "cmp", "--n", 0)
+    big = tmp_path / "big"                                    # 32x32 images: not comparable image for image
+    run("train", "--preset", "micro", "--data", data16, "--out", big, "--max-iters", 1,
+        "--set", '{"image_size": 32, "enc_widths": [8, 8, 8, 16], "dec_widths": [16, 8, 8]}')
+    with pytest.raises(SystemExit, match="compare needs runs of one image size"):
+        run("compare", h, big, "--data", data16, "--out", tmp_path / "cmp")
     run("compare", h, v, "--data", data16, "--out", tmp_path / "cmp", "--n", 4)
     out = capsys.readouterr().out
     assert out.count("| hash |") == 1 and out.count("| vq |") == 1
@@ -1425,6 +1430,15 @@ def test_unet_any_size_divisible_by_its_downsampling(z_size, mults):
     x = torch.randn(2, 3, z_size, z_size)
     assert m(x, torch.tensor([1, T])).shape == x.shape
     assert not any("abar" in k or "alpha" in k for k in m.state_dict())  # the schedule is not a weight
+
+
+def test_unet_attention_heads_divide_their_channels():
+    # width 50: 100 channels at mult 2, where 100 // 32 = 3 heads would not split them evenly
+    m, cfg = small_unet(width=50, attn_lowest=2)
+    heads = {mod.heads: mod.qkv.in_channels for mod in m.modules() if isinstance(mod, diffusion.Attention)}
+    assert heads == {1: 50, 2: 100}
+    x = torch.randn(2, 8, 8, 8)
+    assert m(x, torch.tensor([1, T])).shape == x.shape
 
 
 def test_unet_rejects_codes_it_cannot_halve():
