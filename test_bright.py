@@ -478,6 +478,7 @@ def test_loader_modes_and_split(tmp_path, capsys):
     (d / "corrupt.png").write_bytes(b"not a png")                     # skipped
     (d / "notes.txt").write_text("ignored")
     Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(d / "grey16.png")  # 16-bit: scaled, not clipped
+    Image.fromarray(np.full((20, 20), 70000, np.int32)).save(d / "int32.tif")   # past 16 bits: clipped to white
     Image.new("RGB", (20, 20)).save(d / "trns.png", transparency=(0, 0, 0))      # transparent colour: white
     a = np.zeros((10, 20, 3), np.uint8); a[:, 10:] = 255                        # left black, right white,
     im = Image.fromarray(a); exif = im.getexif(); exif[0x0112] = 6              # to be turned 90° clockwise:
@@ -490,14 +491,14 @@ def test_loader_modes_and_split(tmp_path, capsys):
     (d / "badexif.png").write_bytes(png.getvalue()[:33] + chunk + png.getvalue()[33:])
     train, val = bright.load_dataset(str(d), 16)
     assert train.dtype == torch.uint8 and train.shape[1:] == (3, 16, 16)
-    assert len(train) + len(val) == 39 and len(val) >= 1
+    assert len(train) + len(val) == 39 and len(val) >= 1  # .tif is not an image extension read here
     assert "skipped 2 unusable" in capsys.readouterr().err
     train2, val2 = bright.load_dataset(str(d), 16)
     assert torch.equal(val, val2)  # deterministic split
     read = lambda name: bright.read_image(str(d / name), 8)
-    names = ("gray.png", "rgba.png", "grey16.png", "trns.png", "badexif.png")
+    names = ("gray.png", "rgba.png", "grey16.png", "trns.png", "badexif.png", "int32.tif")
     assert [tuple(read(n)[:, 0, 0].tolist()) for n in names] == [
-        (128, 128, 128), (255, 255, 255), (128, 128, 128), (255, 255, 255), (0, 0, 255)]
+        (128, 128, 128), (255, 255, 255), (128, 128, 128), (255, 255, 255), (0, 0, 255), (255, 255, 255)]
     e = read("exif.jpg").float().mean(0)                                       # (8, 8)
     assert e[:2].mean() < 30 and e[-2:].mean() > 225
 
@@ -685,8 +686,12 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     capsys.readouterr()
     run("train", "--out", out, "--resume", "--max-iters", 4)
     assert f"from {data16}" in capsys.readouterr().out
+    other = tmp_path / "other_data"
+    write_images(other / "train", 4, size=16); write_images(other / "val", 2, size=16, start=10)
+    run("train", "--out", out, "--resume", "--max-iters", 5, "--data", other)
+    assert f"trained on {data16} so far; it goes on with {other}" in capsys.readouterr().out
     c = torch.load(ck, weights_only=True)
-    assert c["data"] == str(data16) and c["seconds"] > seconds
+    assert c["data"] == str(other) and c["seconds"] > seconds
     # a new run: --set may name any field, a flag wins over it
     run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / "s", "--max-iters", 1,
         "--set", '{"seed": 3, "batch_size": 2}', "--seed", 4)
