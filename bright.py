@@ -414,7 +414,7 @@ def to_rgb(im):
     except Exception:  # a malformed EXIF block: the pixels are fine, take them as stored
         pass
     if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
-        im = Image.fromarray((np.asarray(im).astype(np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        im = Image.fromarray((np.asarray(im) / 257).round().clip(0, 255).astype(np.uint8))
     if "A" in im.getbands() or im.mode == "P" or "transparency" in im.info:
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     return im.convert("RGB")
@@ -1113,19 +1113,16 @@ def cmd_compare(args):
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
-    paths = [os.path.join(run, "bright.pt") for run in args.runs]
-    heads = [read_checkpoint(p, "bright") for p in paths]
-    sizes = [config_from(Config, h, p).image_size for h, p in zip(heads, paths)]
-    if len(set(sizes)) > 1:
-        fail(f"compare needs runs of one image size, not {', '.join(f'{r} {s}^2' for r, s in zip(args.runs, sizes))}")
-    # every run on the same validation images: --data, or the first run's
-    _, val_x = load_dataset(args.data or heads[0].get("data") or DEFAULT_DATA, sizes[0])
-    del heads
-    x = to_float(val_x[:args.n])
     rows, curves, recons = [], {}, []
-    for run, path in zip(args.runs, paths):
-        model, cfg, ckpt = load_checkpoint(path, device)
+    for i, run in enumerate(args.runs):  # one model in memory at a time
+        model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
         model.backend = args.backend
+        if i == 0:  # every run on the same validation images: --data, or the first run's
+            _, val_x = load_dataset(args.data or ckpt.get("data") or DEFAULT_DATA, cfg.image_size)
+            x = to_float(val_x[:args.n])
+        elif cfg.image_size != val_x.shape[-1]:
+            fail(f"compare needs runs of one image size: {run} is {cfg.image_size}^2, "
+                 f"{args.runs[0]} {val_x.shape[-1]}^2")
         p, s, z = evaluate(model, val_x, device)
         u = usage(model, z)
         u = (f"{u['table_usage']['overall']:.1%} of table entries" if "table_usage" in u else

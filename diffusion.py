@@ -366,7 +366,7 @@ def train(args, on_step=None):
         check_codes(codes, codes_path)
         if args.bright_ckpt:  # it will decode these codes at sampling time: the model that made them
             b = read_checkpoint(args.bright_ckpt, "bright")
-            if bright_fp and fingerprint(b["ema"]) != bright_fp:
+            if bright_fp not in (None, fingerprint(b["ema"])):
                 fail(f"{codes_path} holds key codes of another BRIGHT model than {args.bright_ckpt}")
             bright_path, bright_cfg, bright_fp = args.bright_ckpt, b["config"], fingerprint(b["ema"])
     else:
@@ -392,7 +392,8 @@ def train(args, on_step=None):
         # the same images encoded by the same weights again differ by float rounding (~1e-6, on
         # other hardware or thread counts); other images by ~0.1
         probe = ckpt.get("codes_probe")
-        if probe is not None and (N != ckpt["codes_count"] or not torch.allclose(codes[:len(probe)].float(), probe.float(), atol=1e-3)):
+        if probe is not None and (N != ckpt["codes_count"]
+                                  or not torch.allclose(codes[:len(probe)].float(), probe.float(), atol=1e-3)):
             fail(f"the training key codes ({codes_path or data}) are not those {path} was trained on; "
                  f"resume with the same --codes, or --data and --bright-ckpt")
     else:  # the codes fix C_z and H_z

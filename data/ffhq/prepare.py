@@ -77,7 +77,7 @@ def convert(task):
                 pass
             if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
                 # 16-bit grey: scale to 8 bits (convert() would clip at 255)
-                img = Image.fromarray((np.asarray(img).astype(np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+                img = Image.fromarray((np.asarray(img) / 257).round().clip(0, 255).astype(np.uint8))
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 # flatten onto white rather than let convert() expose whatever colour the
                 # fully transparent pixels happen to hold
