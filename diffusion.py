@@ -366,9 +366,10 @@ def train(args, on_step=None):
         check_codes(codes, codes_path)
         if args.bright_ckpt:  # it will decode these codes at sampling time: the model that made them
             b = read_checkpoint(args.bright_ckpt, "bright")
-            if bright_fp not in (None, fingerprint(b["ema"])):
+            fp = fingerprint(b["ema"])
+            if bright_fp not in (None, fp):
                 fail(f"{codes_path} holds key codes of another BRIGHT model than {args.bright_ckpt}")
-            bright_path, bright_cfg, bright_fp = args.bright_ckpt, b["config"], fingerprint(b["ema"])
+            bright_path, bright_cfg, bright_fp = args.bright_ckpt, b["config"], fp
     else:
         bright_path = args.bright_ckpt or (ckpt["bright_ckpt"] if ckpt else DEFAULT_BRIGHT)
         bright, bcfg, bckpt = load_bright(bright_path, device)
