@@ -195,8 +195,11 @@ def grid_lookup_fast(coords, tables, spec):
             out.append(y.reshape(G, Fe, N).permute(2, 0, 1))            # (N, G, F)
             continue
         idx, w = level_corners(x, spec, l)                              # (N, G, 2^D) each
-        g = torch.arange(G, device=coords.device)[None, :, None]
-        entry = tables[g, off + idx]                                    # (N, G, 2^D, F)
+        # rows of the flattened tables: index_select's backward (index_add_) sums in a fixed
+        # order, where tables[g, idx]'s (index_put_ with accumulate) does not on several CPU
+        # threads, and Adam's eps of 1e-15 turns those last-bit differences into whole steps
+        row = torch.arange(G, device=coords.device)[None, :, None] * spec.num_entries + off + idx
+        entry = tables.reshape(-1, Fe).index_select(0, row.reshape(-1)).view(*idx.shape, Fe)  # (N, G, 2^D, F)
         out.append((w[..., None] * entry).sum(2))
     return torch.cat(out, dim=-1)
 
