@@ -151,7 +151,9 @@ def level_corners(x, spec, l):
 
 def grid_lookup_reference(coords, tables, spec):
     """The naive lookup, written for clarity: one gather per corner per level.
-    coords (N, G, D), tables (G, num_entries, F) -> (N, G, L*F); autograd does the gradients."""
+    coords (N, G, D), tables (G, num_entries, F) -> (N, G, L*F); autograd does the gradients
+    (the table gradient of tables[group, idx] adds with float atomics on several CPU threads:
+    not bitwise repeatable, unlike grid_lookup_fast's)."""
     N, G, D = coords.shape
     x = clamp_coords(coords)
     group = torch.arange(G, device=coords.device).expand(N, G)  # (N, G)
