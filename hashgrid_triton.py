@@ -152,8 +152,8 @@ def level_corners(x, spec, l):
 def grid_lookup_reference(coords, tables, spec):
     """The naive lookup, written for clarity: one gather per corner per level.
     coords (N, G, D), tables (G, num_entries, F) -> (N, G, L*F); autograd does the gradients
-    (the table gradient of tables[group, idx] adds with float atomics on several CPU threads:
-    not bitwise repeatable, unlike grid_lookup_fast's)."""
+    (on the CPU, the table gradient of tables[group, idx] adds with float atomics on several
+    threads: not bitwise repeatable, unlike grid_lookup_fast's)."""
     N, G, D = coords.shape
     x = clamp_coords(coords)
     group = torch.arange(G, device=coords.device).expand(N, G)  # (N, G)
@@ -197,9 +197,10 @@ def grid_lookup_fast(coords, tables, spec):
             out.append(y.reshape(G, Fe, N).permute(2, 0, 1))            # (N, G, F)
             continue
         idx, w = level_corners(x, spec, l)                              # (N, G, 2^D) each
-        # rows of the flattened tables: index_select's backward (index_add_) sums in a fixed
-        # order, where tables[g, idx]'s (index_put_ with accumulate) does not on several CPU
-        # threads, and Adam's eps of 1e-15 turns those last-bit differences into whole steps
+        # rows of the flattened tables: on the CPU, index_select's backward (index_add_) sums
+        # in a fixed order, where tables[g, idx]'s (index_put_ with accumulate) does not on
+        # several threads, and Adam's eps of 1e-15 turns those last-bit differences into whole
+        # steps (on CUDA both add with atomics; the Triton kernels are the CUDA path anyway)
         row = torch.arange(G, device=coords.device)[None, :, None] * spec.num_entries + off + idx
         entry = tables.reshape(-1, Fe).index_select(0, row.reshape(-1)).view(*idx.shape, Fe)  # (N, G, 2^D, F)
         out.append((w[..., None] * entry).sum(2))
