@@ -64,6 +64,15 @@ def grads(fn, coords, tables, spec, grad_out):
     return y.detach(), gc, gt
 
 
+@pytest.fixture
+def two_threads():
+    """torch on two threads for the test (where several threads change the order of float sums)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- lookup: GridSpec
 
 def test_gridspec_paper_sizes():
@@ -184,7 +193,7 @@ def test_fast_path_equals_reference(case):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
-def test_fast_path_gradients_are_bitwise_repeatable_on_two_threads():
+def test_fast_path_gradients_are_bitwise_repeatable_on_two_threads(two_threads):
     # Training on the CPU is bit-reproducible (the same command takes the same steps), and
     # Adam's eps of 1e-15 turns last-bit gradient differences on rarely-touched entries into
     # whole steps. A scatter with float atomics on several threads (tables[g, idx]'s backward,
@@ -197,16 +206,11 @@ def test_fast_path_gradients_are_bitwise_repeatable_on_two_threads():
     coords = torch.rand(25_000, 2, 3, generator=gen)
     tables = torch.randn(2, spec.num_entries, 2, generator=gen)
     go = torch.randn(25_000, 2, spec.levels * 2, generator=gen)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        first = grads(grid_lookup_fast, coords, tables, spec, go)
-        for _ in range(4):
-            again = grads(grid_lookup_fast, coords, tables, spec, go)
-            for a, b in zip(first, again):
-                assert torch.equal(a, b)
-    finally:
-        torch.set_num_threads(threads)
+    first = grads(grid_lookup_fast, coords, tables, spec, go)
+    for _ in range(4):
+        again = grads(grid_lookup_fast, coords, tables, spec, go)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
 
 
 def test_lookup_clamps_and_rejects_bad_shapes():
@@ -677,7 +681,7 @@ def test_train_checkpoint_and_exact_resume(micro, data16, tmp_path):
     assert cfg == Config(**MICRO, max_iters=6) and not m.training
 
 
-def test_training_on_two_threads_is_bitwise_repeatable(tmp_path):
+def test_training_on_two_threads_is_bitwise_repeatable(tmp_path, two_threads):
     # the tiny preset at its own size, so that the lookup's gathers are large enough for torch
     # to split them over threads: two runs of the same command take the same steps, to the
     # last bit (what the README promises for the CPU); with tables[g, idx] in the fast path
@@ -685,13 +689,8 @@ def test_training_on_two_threads_is_bitwise_repeatable(tmp_path):
     data = tmp_path / "data"
     write_images(data / "train", 16, size=64)
     write_images(data / "val", 2, size=64, start=50)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for name in ("a", "b"):
-            run("train", "--data", data, "--out", tmp_path / name, "--max-iters", 4, "--batch-size", 8)
-    finally:
-        torch.set_num_threads(threads)
+    for name in ("a", "b"):
+        run("train", "--data", data, "--out", tmp_path / name, "--max-iters", 4, "--batch-size", 8)
     wa = torch.load(tmp_path / "a" / "bright.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "bright.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -957,7 +956,8 @@ def test_autocast_keeps_key_codes_and_lookup_in_float32(micro, monkeypatch):
     assert f.dtype == torch.bfloat16 and y.isfinite().all()   # the per-group MLP did run in bf16
 
 
-def needs_a_cpp_compiler():
+def start_compile_test():
+    """skip without a C++ compiler (torch.compile builds C++ on the CPU); else a fresh dynamo"""
     import shutil
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         pytest.skip("torch.compile on the CPU builds C++ and finds no compiler here")
@@ -978,7 +978,7 @@ def test_compile_trains_as_eager_and_saves_plain_checkpoints(micro, data16, tmp_
     # the fused kernels (measured: 9e-8 relative on step 1, equal after), and the checkpoint
     # has the eager model's keys (no "_orig_mod." prefix), so eval, resume and diffusion.py
     # load it with or without --compile
-    needs_a_cpp_compiler()
+    start_compile_test()
     try:
         eager, _ = step_losses(["--data", data16, "--max-iters", 3], tmp_path, "eager")
         assert compiled_graphs() == 0
@@ -1609,6 +1609,14 @@ def train_args(world, out, iters, *more):
             "--batch-size", 4, "--log-every", 1, *more]
 
 
+def ddpm_losses(world, out, iters, *more):
+    """train a DDPM in this process; -> its per-step losses"""
+    got = []
+    diffusion.train(diffusion.parser().parse_args([str(a) for a in train_args(world, out, iters, *more)]),
+                    on_step=lambda step, model, loss: got.append(loss))
+    return got
+
+
 def test_train_sample_decode(world, tmp_path, capsys):
     root, data, b8, _ = world
     diff_run(*train_args(world, tmp_path, 2))
@@ -1667,10 +1675,7 @@ def test_diffusion_clips_the_gradient_norm(world, tmp_path):
     # steps from the second on (its moments mix differently scaled gradients); 10 steps
     # without warm-up, so that they show in the losses
     def losses(out, clip):
-        got = []
-        diffusion.train(diffusion.parser().parse_args([str(a) for a in train_args(world, out, 10)] + [
-            "--device", "cpu", "--set", json.dumps({"grad_clip": clip, "warmup": 0})]), on_step=lambda s, m, l: got.append(l))
-        return got
+        return ddpm_losses(world, out, 10, "--device", "cpu", "--set", json.dumps({"grad_clip": clip, "warmup": 0}))
     free, tight = losses(tmp_path / "a", 1e9), losses(tmp_path / "b", 1e-6)
     assert tight[0] == free[0] and max(abs(a / b - 1) for a, b in zip(tight, free)) > 1e-2   # measured: 4.6%
 
@@ -1751,17 +1756,12 @@ def test_diffusion_compile_trains_as_eager(world, tmp_path):
     # as for bright.py: torch.compile of the UNet takes the eager steps (measured: equal
     # losses; 1e-6 relative leaves room for float32 rounding of fused kernels) and saves the
     # eager model's keys, which sample loads
-    needs_a_cpp_compiler()
-    def losses(out, *more):
-        got = []
-        diffusion.train(diffusion.parser().parse_args([str(a) for a in train_args(world, out, 3, *more)]),
-                        on_step=lambda step, model, loss: got.append(loss))
-        return got
+    start_compile_test()
     try:
         small = ["--set", '{"width": 16, "mults": [1, 2]}']  # a smaller graph compiles sooner
-        eager = losses(tmp_path / "eager", *small)
+        eager = ddpm_losses(world, tmp_path / "eager", 3, *small)
         assert compiled_graphs() == 0
-        compiled = losses(tmp_path / "compiled", *small, "--compile")
+        compiled = ddpm_losses(world, tmp_path / "compiled", 3, *small, "--compile")
         assert compiled_graphs() >= 1
         assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-6)
         ce = torch.load(tmp_path / "eager" / "ddpm.pt", weights_only=True)
