@@ -506,6 +506,20 @@ def grid_lookup_triton(coords, tables, spec, block=None):
 
 # ---- benchmark: python hashgrid_triton.py [--only tiny|paper] [--repeats R] [--variants] ----
 
+def benchmark_inputs(images, side, G, spec, device):
+    """BRIGHT's queries for a batch of images with a side x side feature map: (x, y) = pixel
+    centres, repeated per image, and a random key code (C_key = spec.dim - 2 channels) per group;
+    tables initialised as in BRIGHT; a random grad_out. -> coords (N, G, D), tables, grad_out"""
+    N, gen = images * side * side, torch.Generator().manual_seed(0)
+    ij = (torch.arange(side) + 0.5) / side
+    xy = torch.stack(torch.meshgrid(ij, ij, indexing="xy"), -1).reshape(1, -1, 1, 2)
+    coords = torch.cat([xy.expand(images, -1, G, 2).reshape(N, G, 2),
+                        torch.rand(N, G, spec.dim - 2, generator=gen)], -1)
+    tables = (torch.rand(G, spec.num_entries, spec.features, generator=gen) * 2 - 1) * 1e-4
+    grad = torch.randn(N, G, spec.levels * spec.features, generator=gen)
+    return coords.to(device), tables.to(device), grad.to(device)
+
+
 def _benchmark():
     import argparse
     import statistics
@@ -565,14 +579,7 @@ def _benchmark():
                   "(--cpu-batch)")
             images = args.cpu_batch
         N, L, Fe, D = images * side * side, spec.levels, spec.features, spec.dim
-        gen = torch.Generator().manual_seed(0)
-        # BRIGHT's queries: (x, y) = pixel centres, repeated per image; key = the code (random)
-        ij = (torch.arange(side) + 0.5) / side
-        xy = torch.stack(torch.meshgrid(ij, ij, indexing="xy"), -1).reshape(1, -1, 1, 2)
-        coords = torch.cat([xy.expand(images, -1, G, 2).reshape(N, G, 2),
-                            torch.rand(N, G, 1, generator=gen)], -1).to(device)
-        tables = ((torch.rand(G, spec.num_entries, Fe, generator=gen) * 2 - 1) * 1e-4).to(device)
-        grad = torch.randn(N, G, L * Fe, generator=gen).to(device)
+        coords, tables, grad = benchmark_inputs(images, side, G, spec, device)
         lookups = N * G * L
         # compulsory bytes (fp32): forward reads coords and every table entry once, writes
         # out; backward reads coords, grad_out and the tables, zeroes and writes the table
