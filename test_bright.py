@@ -956,13 +956,17 @@ def test_autocast_keeps_key_codes_and_lookup_in_float32(micro, monkeypatch):
     assert f.dtype == torch.bfloat16 and y.isfinite().all()   # the per-group MLP did run in bf16
 
 
-def start_compile_test():
-    """skip without a C++ compiler (torch.compile builds C++ on the CPU); else a fresh dynamo"""
+@pytest.fixture
+def fresh_dynamo():
+    """skip without a C++ compiler (torch.compile builds C++ on the CPU); else a fresh dynamo
+    for the test, reset again after it"""
     import shutil
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         pytest.skip("torch.compile on the CPU builds C++ and finds no compiler here")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
 
 
 def compiled_graphs():
@@ -972,26 +976,22 @@ def compiled_graphs():
 
 
 @pytest.mark.slow
-def test_compile_trains_as_eager_and_saves_plain_checkpoints(micro, data16, tmp_path):
+def test_compile_trains_as_eager_and_saves_plain_checkpoints(micro, data16, tmp_path, fresh_dynamo):
     # --compile (torch.compile of the encoder, heads and decoder; the lookup stays the custom
     # autograd Function) takes the eager run's steps: the losses agree to float32 rounding of
     # the fused kernels (measured: 9e-8 relative on step 1, equal after), and the checkpoint
     # has the eager model's keys (no "_orig_mod." prefix), so eval, resume and diffusion.py
     # load it with or without --compile
-    start_compile_test()
-    try:
-        eager, _ = step_losses(["--data", data16, "--max-iters", 3], tmp_path, "eager")
-        assert compiled_graphs() == 0
-        compiled, _ = step_losses(["--data", data16, "--max-iters", 3, "--compile"], tmp_path, "compiled")
-        assert compiled_graphs() >= 3        # encoder, heads, decoder (more with graph breaks)
-        assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-6)
-        ce = torch.load(tmp_path / "eager" / "bright.pt", weights_only=True)
-        cc = torch.load(tmp_path / "compiled" / "bright.pt", weights_only=True)
-        for k in ("model", "ema"):
-            assert ce[k].keys() == cc[k].keys(), k
-        bright.load_checkpoint(str(tmp_path / "compiled" / "bright.pt"))
-    finally:
-        torch._dynamo.reset()
+    eager, _ = step_losses(["--data", data16, "--max-iters", 3], tmp_path, "eager")
+    assert compiled_graphs() == 0
+    compiled, _ = step_losses(["--data", data16, "--max-iters", 3, "--compile"], tmp_path, "compiled")
+    assert compiled_graphs() >= 3        # encoder, heads, decoder (more with graph breaks)
+    assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-6)
+    ce = torch.load(tmp_path / "eager" / "bright.pt", weights_only=True)
+    cc = torch.load(tmp_path / "compiled" / "bright.pt", weights_only=True)
+    for k in ("model", "ema"):
+        assert ce[k].keys() == cc[k].keys(), k
+    bright.load_checkpoint(str(tmp_path / "compiled" / "bright.pt"))
 
 
 DDP_WORKER = """
@@ -1752,26 +1752,22 @@ def test_diffusion_ddp_and_grad_accum(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_diffusion_compile_trains_as_eager(world, tmp_path):
+def test_diffusion_compile_trains_as_eager(world, tmp_path, fresh_dynamo):
     # as for bright.py: torch.compile of the UNet takes the eager steps (measured: equal
     # losses; 1e-6 relative leaves room for float32 rounding of fused kernels) and saves the
     # eager model's keys, which sample loads
-    start_compile_test()
-    try:
-        small = ["--set", '{"width": 16, "mults": [1, 2]}']  # a smaller graph compiles sooner
-        eager = ddpm_losses(world, tmp_path / "eager", 3, *small)
-        assert compiled_graphs() == 0
-        compiled = ddpm_losses(world, tmp_path / "compiled", 3, *small, "--compile")
-        assert compiled_graphs() >= 1
-        assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-6)
-        ce = torch.load(tmp_path / "eager" / "ddpm.pt", weights_only=True)
-        cc = torch.load(tmp_path / "compiled" / "ddpm.pt", weights_only=True)
-        assert ce["model"].keys() == cc["model"].keys() and ce["ema"].keys() == cc["ema"].keys()
-        diff_run("sample", "--ckpt", tmp_path / "compiled" / "ddpm.pt", "--n", 2, "--steps", 2,
-                 "--out", tmp_path / "s.png")
-        assert (tmp_path / "s.png").exists()
-    finally:
-        torch._dynamo.reset()
+    small = ["--set", '{"width": 16, "mults": [1, 2]}']  # a smaller graph compiles sooner
+    eager = ddpm_losses(world, tmp_path / "eager", 3, *small)
+    assert compiled_graphs() == 0
+    compiled = ddpm_losses(world, tmp_path / "compiled", 3, *small, "--compile")
+    assert compiled_graphs() >= 1
+    assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-6)
+    ce = torch.load(tmp_path / "eager" / "ddpm.pt", weights_only=True)
+    cc = torch.load(tmp_path / "compiled" / "ddpm.pt", weights_only=True)
+    assert ce["model"].keys() == cc["model"].keys() and ce["ema"].keys() == cc["ema"].keys()
+    diff_run("sample", "--ckpt", tmp_path / "compiled" / "ddpm.pt", "--n", 2, "--steps", 2,
+             "--out", tmp_path / "s.png")
+    assert (tmp_path / "s.png").exists()
 
 
 def test_train_from_a_codes_file(world, tmp_path):
