@@ -582,15 +582,33 @@ def lpips_metric(device):
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path):
-    """temp file + rename: an interrupt never leaves a half-written checkpoint"""
+    """temp file + rename: an interrupt never leaves a half-written checkpoint (and fsync
+    before the rename, so that neither does a power cut: the new name points to written data)"""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:  # interrupted: the old file stays, the partial one goes
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def open_log(path, step):
+    """log.csv for appending, holding only its rows up to `step`: a run killed (SIGKILL, OOM)
+    after its last checkpoint logged steps that --resume trains again, and a fresh run starts
+    over, so their rows would repeat and the curves in `compare` would go back in time"""
+    header, rows = "iteration,loss,psnr,seconds\n", []
+    if os.path.isfile(path):
+        with open(path) as f:
+            # a line cut short by the kill has no newline: dropped too
+            rows = [l for l in f.readlines()[1:] if l.endswith("\n") and int(l.split(",")[0]) <= step]
+    with open(f"{path}.tmp", "w") as f:  # temp file + rename, like the checkpoint
+        f.write(header + "".join(rows))
+    os.replace(f"{path}.tmp", path)
+    return open(path, "a")
 
 
 def read_checkpoint(path, kind, hint="train one first"):
@@ -883,9 +901,7 @@ def train(args, on_step=None):
     log = None
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        log = open(os.path.join(out, "log.csv"), "a")
-        if log.tell() == 0:
-            log.write("iteration,loss,psnr,seconds\n")
+        log = open_log(os.path.join(out, "log.csv"), step)
     t_last, s_last = time.time(), step
     t0 = t_last - (ckpt or {}).get("seconds", 0)  # training time so far, across resumes (log.csv)
     model.train()

@@ -451,7 +451,7 @@ def test_atomic_save_keeps_the_old_file_on_interrupt(tmp_path, monkeypatch):
     p = tmp_path / "ck.pt"
     bright.atomic_save({"step": 1}, str(p))
     def interrupted(obj, f):
-        open(f, "wb").write(b"half a checkpoint"); raise KeyboardInterrupt
+        f.write(b"half a checkpoint"); raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         bright.atomic_save({"step": 2}, str(p))
@@ -666,9 +666,16 @@ def data16(tmp_path):
 
 def test_train_checkpoint_and_exact_resume(micro, data16, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    run("train", "--preset", "micro", "--data", data16, "--out", a, "--max-iters", 6)
-    run("train", "--preset", "micro", "--data", data16, "--out", b, "--max-iters", 3)
-    run("train", "--data", data16, "--out", b, "--max-iters", 6, "--resume")
+    run("train", "--preset", "micro", "--data", data16, "--out", a, "--max-iters", 6, "--log-every", 1)
+    run("train", "--preset", "micro", "--data", data16, "--out", b, "--max-iters", 3, "--log-every", 1)
+    # as if killed (SIGKILL, OOM) at step 5, in the middle of a log line, after the checkpoint of step 3
+    with open(b / "log.csv", "a") as f:
+        f.write("4,0.1,20.0,1.0\n5,0.1,20.0,1.0\n6,0.")
+    run("train", "--data", data16, "--out", b, "--max-iters", 6, "--resume", "--log-every", 1)
+    # log.csv: steps 4 and 5 logged once, from the resumed run, and the cut line gone
+    steps = lambda run: bright.read_log(run)["iteration"]
+    assert steps(a) == steps(b) == [1, 2, 3, 4, 5, 6]
+    assert bright.read_log(a)["loss"][3:] == bright.read_log(b)["loss"][3:] != [0.1, 0.1, 0.1]
     ca = torch.load(a / "bright.pt", weights_only=True)
     cb = torch.load(b / "bright.pt", weights_only=True)
     assert ca["step"] == cb["step"] == 6 and ca["config"] == cb["config"]
