@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners
+from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners, triton_problem
 
 DEFAULT_DATA = "data/shapes"
 DEFAULT_OUT = "out"
@@ -39,6 +39,12 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def fail(msg):
     """One clear line for the user instead of a traceback."""
     raise SystemExit(f"error: {msg}")
+
+
+def first_line(e, n=160):
+    """an exception's first non-empty line (or its type), cut to n characters, for fail()"""
+    line = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+    return line if len(line) <= n else line[:n - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -153,6 +159,27 @@ class VectorQuantizer(nn.Module):
 
 # ----------------------------------------------------------------------------- config
 
+def check_fields(cfg, positive="", non_negative="", fraction=""):
+    """a config dataclass's field types, then the ranges of the fields named, as a ValueError
+    naming the field (make_config makes it one error line): --set '{"lr": "0.001"}' or an
+    ema_decay of 5 stops here, not with a traceback deep in training or not at all. An int
+    passes for a float; a bool passes for no number."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        ok, what = {int: (number(v) and isinstance(v, int), "an integer"), float: (number(v), "a number"),
+                    bool: (isinstance(v, bool), "true or false"), str: (isinstance(v, str), "a string"),
+                    tuple: (isinstance(v, (list, tuple)) and all(number(x) and isinstance(x, int) and x > 0 for x in v),
+                            "a list of positive integers")}[f.type]
+        if not ok:
+            raise ValueError(f"{f.name} must be {what}, got {v!r}")
+    for names, ok, what in [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fraction, lambda v: 0 <= v < 1, "in [0, 1)")]:
+        for name in names.split():
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+
+
 @dataclass
 class Config:
     image_size: int = 64
@@ -191,11 +218,13 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, positive="z_size z_channels c_key feat_size c_d head_hidden style_dim codebook_size "
+                                    "batch_size grad_accum lr eval_every",
+                     non_negative="commitment lr_final l1_weight gan_weight gan_start max_iters",
+                     fraction="ema_decay codebook_decay")
         self.enc_widths, self.dec_widths = tuple(self.enc_widths), tuple(self.dec_widths)
         if not 0 <= self.seed < 2 ** 31:
             raise ValueError("seed must be in 0..2^31-1")
-        if self.z_channels < 1 or self.c_key < 1 or self.eval_every < 1:
-            raise ValueError("z_channels, c_key and eval_every must be at least 1")
         if self.image_size < 11:
             raise ValueError("image_size must be at least 11 (SSIM's 11x11 window)")
         self.grid  # GridSpec checks its dimension (C_key + 2), resolutions and table size
@@ -210,8 +239,8 @@ class Config:
             raise ValueError("feat_size must be a multiple of z_size (nearest tiling)")
         if self.bottleneck not in ("hash", "vq"):
             raise ValueError(f"bottleneck must be 'hash' or 'vq', not {self.bottleneck!r}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError("batch_size must be a positive multiple of grad_accum")
+        if self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a multiple of grad_accum")
 
     @property
     def groups(self):
@@ -272,7 +301,7 @@ def preset_config(cls, presets, preset, overrides, why=""):
 
 
 def make_config(preset="tiny", **overrides):
-    return preset_config(Config, PRESETS, preset, overrides, "inconsistent config: ")
+    return preset_config(Config, PRESETS, preset, overrides, "bad config: ")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -397,10 +426,19 @@ class PatchDiscriminator(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 def list_images(root):
+    """every image file under root, sorted; symlinked folders are followed, each real folder
+    once (a link back up the tree would otherwise repeat the images until the path is too long)"""
     if not os.path.isdir(root):
         fail(f"data folder {root!r} does not exist")
-    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
-                   if f.lower().endswith(IMAGE_EXTS))
+    paths, seen = [], set()
+    for d, dirs, fs in os.walk(root, followlinks=True):
+        dirs.sort()  # a fixed walk order: which of two links to one folder is kept never varies
+        if os.path.realpath(d) in seen:
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(d))
+        paths += [os.path.join(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
+    paths.sort()
     if not paths:
         fail(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) found under {root!r}")
     return paths
@@ -440,7 +478,7 @@ def read_images(paths, size, what):
         try:
             good.append(read_image(p, size))
         except Exception as e:  # a corrupt file among good ones is skipped, not fatal
-            bad.append(f"{p} ({str(e).splitlines()[0][:80]})")
+            bad.append(f"{p} ({first_line(e, 80)})")
     if bad:
         print(f"warning: skipped {len(bad)} unusable {what} file(s), e.g. {bad[0]}", file=sys.stderr)
     if not good:
@@ -581,6 +619,38 @@ def lpips_metric(device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def check_image_out(path):
+    """an image file name PIL can write, checked before the work rather than after it"""
+    Image.init()
+    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+        fail(f"--out {path!r} needs an image file extension such as .png")
+
+
+def check_overwrite(path, kind):
+    """outputs such as key codes replace only a file of their own kind: never a checkpoint"""
+    if os.path.exists(path):
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            got = old.get("kind") if isinstance(old, dict) else None
+        except Exception:
+            got = None
+        if got != kind:
+            fail(f"{path!r} exists and is not a {kind} file" + (f" but a {got} one" if got else "")
+                 + ": choose another --out")
+
+
+def check_backend(backend, device):
+    """--backend triton where Triton cannot run: one line now, not a traceback at the first lookup"""
+    if backend == "triton" and triton_problem(device):
+        fail(triton_problem(device))
+
+
+def require_key_codes(bottleneck, path):
+    """diffusion works on key codes, which a VQ model has none of"""
+    if bottleneck != "hash":
+        fail(f"{path} is a VQ model: its encoder vectors are not key codes in [0, 1] for diffusion.py")
+
+
 def atomic_save(obj, path):
     """temp file + rename: an interrupt never leaves a half-written checkpoint (and fsync
     before the rename, so that neither does a power cut: the new name points to written data)"""
@@ -618,7 +688,7 @@ def read_checkpoint(path, kind, hint="train one first"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"{path!r} is not a readable checkpoint ({str(e).splitlines()[0][:100]})")
+        fail(f"{path!r} is not a readable checkpoint ({first_line(e)})")
     got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
     if got != kind:
         fail(f"{path!r} is not a {kind} file (kind: {got})")
@@ -640,7 +710,7 @@ def config_from(cls, ckpt, path):
     try:
         return cls(**ckpt["config"])
     except (KeyError, TypeError, ValueError) as e:
-        fail(f"{path!r} has a config this code's {cls.__name__} cannot build ({str(e).splitlines()[0][:100]})")
+        fail(f"{path!r} has a config this code's {cls.__name__} cannot build ({first_line(e)})")
 
 
 def resume_config(cls, ckpt, path, asked, preset_cfg=None):
@@ -664,7 +734,7 @@ def resume_config(cls, ckpt, path, asked, preset_cfg=None):
     try:
         return replace(cfg, **change)
     except ValueError as e:
-        fail(f"inconsistent config: {e}")
+        fail(f"bad config: {e}")
 
 
 def load_weights(module, state, path):
@@ -855,6 +925,7 @@ def train(args, on_step=None):
     check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     amp = autocast(device, args.dtype)
+    check_backend(args.backend, device)
     data = args.data or (ckpt or {}).get("data") or DEFAULT_DATA  # a resumed run: its own data
     if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(ckpt.get("data") or args.data):
         say(f"note: {path} was trained on {ckpt['data']} so far; it goes on with {args.data}")
@@ -946,7 +1017,7 @@ def train(args, on_step=None):
         loss_v, psnr_v, stopping = step_stats(stats, stop, world)
         if on_step:
             on_step(step, model, loss_v)
-        if step % args.log_every == 0 or step == 1:
+        if step % args.log_every == 0 or step in (1, cfg.max_iters) or stopping:
             now = time.time()
             its = (step - s_last) / max(now - t_last, 1e-9)
             eta = (cfg.max_iters - step) / max(its, 1e-9)
@@ -978,6 +1049,7 @@ def train(args, on_step=None):
 
 def load_for_command(args):
     device = pick_device(args.device)
+    check_backend(args.backend, device)
     model, cfg, ckpt = load_checkpoint(args.ckpt, device)
     model.backend = args.backend
     data = args.data or ckpt.get("data") or DEFAULT_DATA
@@ -1035,6 +1107,7 @@ def cmd_eval(args):
 def cmd_reconstruct(args):
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
+    check_image_out(args.out)
     model, cfg, ckpt, device, _, val_x = load_for_command(args)
     x = to_float(val_x[:args.n]).to(device)
     with torch.no_grad():
@@ -1043,9 +1116,9 @@ def cmd_reconstruct(args):
 
 
 def cmd_encode(args):
+    check_overwrite(args.out, "bright-codes")
     model, cfg, ckpt, device, train_x, val_x = load_for_command(args)
-    if cfg.bottleneck != "hash":
-        fail(f"{args.ckpt} is a VQ model: its encoder vectors are not key codes in [0, 1] for diffusion.py")
+    require_key_codes(cfg.bottleneck, args.ckpt)
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
     atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1], "bright_ckpt": args.ckpt,
                  "bright_fingerprint": fingerprint(ckpt["ema"]), "config": asdict(cfg)}, args.out)
@@ -1129,6 +1202,7 @@ def cmd_compare(args):
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
+    check_backend(args.backend, device)
     rows, curves, recons = [], {}, []
     for i, run in enumerate(args.runs):  # one model in memory at a time
         model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
@@ -1148,7 +1222,8 @@ def cmd_compare(args):
         n_net = sum(p.numel() for p in model.parameters()) - (n_code if cfg.bottleneck == "hash" else 0)
         bits = f"{cfg.z_channels} x 32 (float)" if cfg.bottleneck == "hash" else f"{math.log2(cfg.codebook_size):.0f}"
         rows.append(f"| {run} | {cfg.bottleneck} | {ckpt['step']} | {p.mean():.2f} | {s.mean():.4f} | {u} | "
-                    f"{n_net:,} + {n_code:,} | {cfg.z_size}x{cfg.z_size}, {bits} bits each | {log['seconds'][-1]:.0f} |")
+                    f"{n_net:,} + {n_code:,} | {cfg.z_size}x{cfg.z_size}, {bits} bits each | "
+                    f"{ckpt.get('seconds', log['seconds'][-1]):.0f} |")
         k = max(1, len(log["psnr"]) // 40)  # training-batch PSNR, smoothed over ~1/40 of the run
         sm = np.convolve(log["psnr"], np.ones(k) / k, mode="valid")
         curves[f"{run} ({cfg.bottleneck})"] = (log["iteration"][k - 1:], sm.tolist())
@@ -1168,7 +1243,7 @@ def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=None, help=f"image folder (default: {DEFAULT_DATA})")
+    common.add_argument("--data", default=None, help=f"image folder (default: the checkpoint's own, else {DEFAULT_DATA})")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--backend", default="auto", choices=["auto", "torch", "reference", "triton"],
                         help="hash-grid lookup: triton on CUDA, torch on CPU by default")

@@ -24,10 +24,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_run_flags, config_from,
-                    ddp_wrap, ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset, load_weights,
-                    parse_set, peak_memory, pick_device, preset_config, read_checkpoint, resume_config, save_grid,
-                    setup_distributed, step_seed, step_stats, sync_grads)
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_fields, check_image_out,
+                    check_overwrite, check_run_flags, config_from, ddp_wrap, ema_update, encode_images, fail,
+                    fingerprint, load_checkpoint, load_dataset, load_weights, parse_set, peak_memory, pick_device,
+                    preset_config, read_checkpoint, require_key_codes, resume_config, save_grid, setup_distributed,
+                    step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -212,6 +213,9 @@ class DiffusionConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, positive="z_channels z_size width num_res_blocks timesteps min_snr_gamma batch_size "
+                                    "grad_accum lr grad_clip save_every",
+                     non_negative="warmup max_iters", fraction="dropout ema_decay")
         self.mults = tuple(self.mults)
         if self.z_size % 2 ** (len(self.mults) - 1):
             raise ValueError(f"key codes of size {self.z_size} cannot be halved {len(self.mults) - 1} times "
@@ -222,10 +226,8 @@ class DiffusionConfig:
             raise ValueError("seed must be in 0..2^31-1")
         if self.width < 2 or self.width % 2:
             raise ValueError(f"width must be even (the sinusoidal time embedding), got {self.width}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be at least 0, got {self.warmup}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError("batch_size must be a positive multiple of grad_accum")
+        if self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a multiple of grad_accum")
 
 
 PRESETS = {
@@ -312,6 +314,7 @@ def check_codes(z, what, cfg=None):
 def load_bright(path, device, cfg=None):
     """-> (BRIGHT autoencoder with its EMA weights, its Config, raw checkpoint); checked against cfg"""
     model, bcfg, bckpt = load_checkpoint(path, device)
+    require_key_codes(bcfg.bottleneck, path)
     if cfg and (bcfg.z_channels, bcfg.z_size) != (cfg.z_channels, cfg.z_size):
         fail(f"{path!r} makes {bcfg.z_channels}x{bcfg.z_size}x{bcfg.z_size} key codes, but the diffusion model "
              f"was trained on {cfg.z_channels}x{cfg.z_size}x{cfg.z_size}")
@@ -366,6 +369,7 @@ def train(args, on_step=None):
         check_codes(codes, codes_path)
         if args.bright_ckpt:  # it will decode these codes at sampling time: the model that made them
             b = read_checkpoint(args.bright_ckpt, "bright")
+            require_key_codes(b["config"].get("bottleneck"), args.bright_ckpt)
             fp = fingerprint(b["ema"])
             if bright_fp not in (None, fp):
                 fail(f"{codes_path} holds key codes of another BRIGHT model than {args.bright_ckpt}")
@@ -383,6 +387,9 @@ def train(args, on_step=None):
     flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                  seed=args.seed)
     asked = {**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}  # flags win over --set
+    for k, v in (("z_channels", C), ("z_size", H)):  # the codes fix them: asking for others is a mistake
+        if asked.get(k, v) != v:
+            fail(f"--set {k} {asked[k]}: the key codes have {k} {v} ({C}x{H}x{H})")
     if ckpt:
         cfg = resume_config(DiffusionConfig, ckpt, path, asked,
                             args.preset and make_config(args.preset, **{**asked, "z_channels": C, "z_size": H}))
@@ -532,6 +539,9 @@ def check_sampler_flags(args):
 def cmd_sample(args):
     if args.n < 1:
         fail("--n must be at least 1")
+    check_image_out(args.out)
+    if args.save_codes:
+        check_overwrite(os.path.splitext(args.out)[0] + ".pt", "ddpm-samples")
     check_sampler_flags(args)
     device, model, cfg, ckpt, bright, _ = load_for_sampling(args)
     t0 = time.time()
@@ -561,9 +571,11 @@ def cmd_neighbors(args):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     check_sampler_flags(args)
+    check_image_out(args.out)
     device, model, cfg, ckpt, bright, bckpt = load_for_sampling(args)
     data = args.data or ckpt.get("data") or bckpt.get("data") or DEFAULT_DATA
     train_x, val_x = load_dataset(data, bright.cfg.image_size)
+    args.k = min(args.k, len(train_x))  # a small training set: all of it, and the grid rows stay aligned
     t0, n = time.time(), max(args.n, args.n_stats)
     train_z = encode_images(bright, train_x, device)                        # (N, C_z, H_z, W_z)
     codes = generate(model, cfg, n, device, "ddim", args.steps, 0.0, args.seed)

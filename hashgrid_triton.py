@@ -423,6 +423,14 @@ _META_CACHE = {}
 _INT32_LIMIT = 2 ** 31  # element counts from here on need int64 offsets (tests lower it)
 
 
+def triton_problem(device):
+    """why the Triton kernels cannot run on `device`, or None"""
+    if torch.device(device).type != "cuda" and not _INTERPRETED:
+        return ("grid_lookup(backend='triton') got CPU tensors, but Triton runs on the CPU only in its "
+                "interpreter: set TRITON_INTERPRET=1 before Python starts (slow, for tests), or use --backend torch")
+    return None
+
+
 def _level_meta(spec, device):
     """Per-level (resolution, offset, dense) as int32 tensors on the device, cached."""
     key = (spec, str(device))
@@ -437,10 +445,8 @@ def _launch_args(coords, tables, spec, block):
     L, Fe = spec.levels, spec.features
     if coords.is_cuda != tables.is_cuda:
         raise ValueError("grid_lookup_triton: coords and tables must be on the same device")
-    if not coords.is_cuda and not _INTERPRETED:
-        raise RuntimeError("grid_lookup(backend='triton') got CPU tensors, but Triton runs on "
-                           "the CPU only in its interpreter: set TRITON_INTERPRET=1 before "
-                           "Python starts (slow, for tests), or use --backend torch")
+    if triton_problem(coords.device):
+        raise RuntimeError(triton_problem(coords.device))
     if D > 4 or Fe & (Fe - 1) or Fe > 64:
         raise ValueError(f"grid_lookup_triton: needs D <= 4 and F a power of 2, got D={D}, "
                          f"F={Fe}")

@@ -305,17 +305,29 @@ def test_presets_build_with_paper_shapes(preset):
 
 
 @pytest.mark.parametrize("fields,msg", [
-    (dict(eval_every=0), "eval_every must be at least 1"),
-    (dict(z_channels=0), "z_channels, c_key and eval_every must be at least 1"),
+    (dict(eval_every=0), "eval_every must be > 0, got 0"),
+    (dict(z_channels=0), "z_channels must be > 0, got 0"),
     (dict(image_size=8, z_size=2, feat_size=2), "SSIM's 11x11 window"),
     (dict(min_res=64), "1 <= min_res <= max_res"),
     (dict(log2_table_size=2), "log2_table_size must be in 3..30"),
-    (dict(batch_size=0), "positive multiple of grad_accum"),
+    (dict(batch_size=0), "batch_size must be > 0, got 0"),
+    (dict(batch_size=6, grad_accum=4), "batch_size must be a multiple of grad_accum"),
     (dict(seed=2 ** 31), "seed must be in 0..2^31-1"),
-    (dict(enc_widths=3), "not iterable"),                      # a value of the wrong type: one line too
+    # values of the wrong type or outside their range, as --set '{...}' may give them
+    (dict(enc_widths=3), "enc_widths must be a list of positive integers, got 3"),
+    (dict(max_iters="5"), "max_iters must be an integer, got '5'"),
+    (dict(batch_size=8.0), "batch_size must be an integer, got 8.0"),
+    (dict(lr="0.001"), "lr must be a number, got '0.001'"),
+    (dict(codebook_restart=1), "codebook_restart must be true or false, got 1"),
+    (dict(lr=-1), "lr must be > 0, got -1"),
+    (dict(codebook_size=0), "codebook_size must be > 0, got 0"),
+    (dict(l1_weight=-1), "l1_weight must be >= 0, got -1"),
+    (dict(gan_weight=-0.5), "gan_weight must be >= 0, got -0.5"),
+    (dict(ema_decay=5), "ema_decay must be in [0, 1), got 5"),
+    (dict(ema_decay=1.0), "ema_decay must be in [0, 1), got 1.0"),
 ])
 def test_config_errors_are_one_line(fields, msg):
-    with pytest.raises(SystemExit, match="^error: inconsistent config: .*" + re_escape(msg)):
+    with pytest.raises(SystemExit, match="^error: bad config: .*" + re_escape(msg)):
         make_config("tiny", **fields)
 
 
@@ -513,7 +525,8 @@ def test_loader_modes_and_split(tmp_path, capsys):
     im = Image.fromarray(a); exif = im.getexif(); exif[0x0112] = 6              # to be turned 90° clockwise:
     im.save(d / "exif.jpg", exif=exif, quality=95)                               # black on top, white below
     write_images(tmp_path / "elsewhere", 3, start=100)
-    os.symlink(tmp_path / "elsewhere", d / "linked")                            # a symlinked folder is read
+    os.symlink(tmp_path / "elsewhere", d / "linked")                            # a symlinked folder is read,
+    os.symlink(d, d / "sub" / "back")                                           # each real folder once
     png = io.BytesIO(); Image.new("RGB", (20, 20), (0, 0, 255)).save(png, "PNG")
     junk = b"eXIf" + b"\xff" * 20                                                # a malformed EXIF block:
     chunk = struct.pack(">I", 20) + junk + struct.pack(">I", zlib.crc32(junk))  # the pixels still read
@@ -743,6 +756,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     assert f"trained on {data16} so far; it goes on with {other}" in capsys.readouterr().out
     c = torch.load(ck, weights_only=True)
     assert c["data"] == str(other) and c["seconds"] > seconds
+    # every run logs its first and its last step, whatever --log-every (25 here)
+    assert bright.read_log(out)["iteration"] == [1, 2, 3, 4, 5]
     # a new run: --set may name any field, a flag wins over it
     run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / "s", "--max-iters", 1,
         "--set", '{"seed": 3, "batch_size": 2}', "--seed", 4)
@@ -758,8 +773,16 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     run("encode", "--ckpt", ck, "--data", data16, "--out", tmp_path / "codes.pt")
     codes = torch.load(tmp_path / "codes.pt", weights_only=True)
     assert codes["codes"].shape == (12, 4, 4, 4) and codes["val_codes"].shape == (4, 4, 4, 4)
+    # outputs are checked before the work: an image name for images, and key codes never replace a checkpoint
+    with pytest.raises(SystemExit, match="needs an image file extension"):
+        run("reconstruct", "--ckpt", ck, "--data", data16, "--out", tmp_path / "r.txt")
+    with pytest.raises(SystemExit, match="exists and is not a bright-codes file but a bright one"):
+        run("encode", "--ckpt", ck, "--data", data16, "--out", ck)
+    assert torch.load(ck, weights_only=True)["kind"] == "bright"
+    run("encode", "--ckpt", ck, "--data", data16, "--out", tmp_path / "codes.pt")   # its own kind: replaced
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
+    (tmp_path / "empty.pt").write_bytes(b"")
     # weights of another version of the model (a renamed layer): one line, not a load_state_dict trace
     old = torch.load(ck, weights_only=True)
     for k in ("model", "ema"):
@@ -769,7 +792,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     newer["config"]["future_field"] = 1
     torch.save(newer, tmp_path / "newer.pt")
     for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright file"),
-                     (tmp_path / "junk.pt", "not a readable checkpoint"), (tmp_path / "old.pt", "does not fit"),
+                     (tmp_path / "junk.pt", "not a readable checkpoint"), (tmp_path / "empty.pt", "not a readable checkpoint"),
+                     (tmp_path / "old.pt", "does not fit"),
                      (tmp_path / "newer.pt", "Config cannot build .*future_field")]:
         with pytest.raises(SystemExit, match=msg):
             run("eval", "--ckpt", bad, "--data", data16)
@@ -868,6 +892,9 @@ def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
         run("eval", "--ckpt", v / "bright.pt", "--data", data16, "--quantize-bits", "4")
     with pytest.raises(SystemExit, match="VQ model"):
         run("encode", "--ckpt", v / "bright.pt", "--data", data16, "--out", tmp_path / "codes.pt")
+    with pytest.raises(SystemExit, match="VQ model"):  # nor does diffusion.py train on its encoder vectors
+        diffusion.main(["train", "--bright-ckpt", str(v / "bright.pt"), "--data", str(data16), "--out",
+                        str(tmp_path / "d"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="--n must be at least 1"):
         run("compare", h, v, "--data", data16, "--out", tmp_path / "cmp", "--n", 0)
     big = tmp_path / "big"                                    # 32x32 images: not comparable image for image
@@ -1250,6 +1277,13 @@ def test_cpu_tensors_without_interpreter_give_a_clear_error():
             print("ERROR:", e)
     """)
     assert "TRITON_INTERPRET=1" in r.stdout and "--backend torch" in r.stdout, r.stdout + r.stderr
+    # the commands say so before anything else (here: before finding that the checkpoint is missing)
+    r = _python("""
+        import bright
+        bright.main(["eval", "--backend", "triton", "--device", "cpu", "--ckpt", "missing.pt"])
+    """)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: grid_lookup(backend='triton') got CPU tensors"), \
+        r.stderr
 
 
 # Compiles the kernels for Hopper (sm_90) at the shipped block size, D = 3, F = 4 and fp32,
@@ -1781,10 +1815,10 @@ def test_train_from_a_codes_file(world, tmp_path):
     root, data, b8, _ = world
     bright_run("encode", "--ckpt", b8, "--data", data, "--out", tmp_path / "codes.pt")
     diff_run("train", "--codes", tmp_path / "codes.pt", "--out", tmp_path, "--max-iters", 1, "--batch-size", 2,
-             "--set", '{"width": 16, "mults": [1, 2], "lr": 0.01, "z_size": 4}', "--lr", 0.002)
+             "--set", '{"width": 16, "mults": [1, 2], "lr": 0.01, "z_size": 8}', "--lr", 0.002)
     c = torch.load(tmp_path / "ddpm.pt", weights_only=True)
     assert c["bright_ckpt"] == str(b8) and (c["config"]["z_channels"], c["config"]["z_size"]) == (8, 8)
-    # --set reaches the config, a flag wins over it, and the codes over both for their shape
+    # --set reaches the config and a flag wins over it (the codes fix the shape: another is an error)
     assert (c["config"]["width"], c["config"]["mults"], c["config"]["lr"]) == (16, (1, 2), 0.002)
 
 
@@ -1821,7 +1855,15 @@ def test_bad_inputs(world, tmp_path):
          "--steps and --eta are DDIM's"),
         (["neighbors", "--ckpt", ok / "ddpm.pt", "--k", 0], "--k must be at least 1"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"width": 33}'], "width must be even"),
-        ([*train_args(world, tmp_path / "x", 1), "--batch-size", 0], "positive multiple of grad_accum"),
+        ([*train_args(world, tmp_path / "x", 1), "--batch-size", 0], "batch_size must be > 0, got 0"),
+        ([*train_args(world, tmp_path / "x", 1), "--lr", -1], "lr must be > 0, got -1"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"timesteps": 0}'], "timesteps must be > 0"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"dropout": 2}'], r"dropout must be in \[0, 1\)"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"save_every": "5"}'], "save_every must be an integer"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"z_size": 16}'], "the key codes have z_size 8"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", tmp_path / "s"], "needs an image file extension"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", ok / "ddpm.png", "--save-codes"],
+         "is not a ddpm-samples file but a ddpm one"),
         ([*train_args(world, tmp_path / "x", 0)], "--max-iters must be at least 1"),
         ([*train_args(world, tmp_path / "x", 1), "--log-every", 0], "--log-every must be at least 1"),
         ([*train_args(world, ok, 1), "--resume"], "nothing to train: .* is at step 1"),

@@ -146,7 +146,7 @@ def prepare(src, root=os.path.dirname(os.path.abspath(__file__)), size=256, n_va
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True, help="folder or .zip of FFHQ images")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--n-val", type=int, default=1000, help="the last N images (by name) are validation")
@@ -155,4 +155,7 @@ if __name__ == "__main__":
     ap.add_argument("--root", default=os.path.dirname(os.path.abspath(__file__)),
                     help="output folder; its train/ and val/ are replaced")
     a = ap.parse_args()
+    for flag in ("size", "n_val", "limit", "workers"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     prepare(a.src, a.root, a.size, a.n_val, a.limit, a.workers)

@@ -141,7 +141,7 @@ def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-val", type=int, default=200)
     ap.add_argument("--size", type=int, default=64)
@@ -158,8 +158,11 @@ if __name__ == "__main__":
     if ap.parse_known_args()[0].hard:
         ap.set_defaults(**HARD)
     a = ap.parse_args()
-    if a.max_shapes < 1:
-        ap.error("--max-shapes must be at least 1")
+    for flag in ("n_train", "n_val", "max_shapes"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if a.size < 16:
+        ap.error("--size must be at least 16")
     if not 0 < a.radius[0] <= a.radius[1] <= 0.5:
         ap.error("--radius LO HI needs 0 < LO <= HI <= 0.5")
     prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, a.gradients, tuple(a.radius), a.rotate)
