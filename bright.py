@@ -674,7 +674,8 @@ def open_log(path, step):
     if os.path.isfile(path):
         with open(path) as f:
             # a line cut short by the kill has no newline: dropped too
-            rows = [l for l in f.readlines()[1:] if l.endswith("\n") and int(l.split(",")[0]) <= step]
+            rows = [l for l in f.readlines()[1:] if l.endswith("\n") and l.split(",")[0].isdigit()
+                    and int(l.split(",")[0]) <= step]
     with open(f"{path}.tmp", "w") as f:  # temp file + rename, like the checkpoint
         f.write(header + "".join(rows))
     os.replace(f"{path}.tmp", path)
