@@ -941,6 +941,9 @@ def train(args, on_step=None):
     model = BRIGHT(cfg).to(device)
     model.backend = args.backend
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # the validation below: on a CPU the interpreted kernels would take many minutes for its 200
+    # images, the torch lookup gives the same numbers to float rounding
+    ema.backend = "torch" if args.backend == "triton" and device.type != "cuda" else args.backend
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.0, 0.99), eps=1e-15)
     disc = PatchDiscriminator().to(device) if cfg.gan_weight > 0 else None
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99)) if disc else None
@@ -1028,11 +1031,11 @@ def train(args, on_step=None):
                 log.write(f"{step},{loss_v:.6f},{psnr_v:.3f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last = now, step
         if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_iters or stopping):
+            save()  # first: a second Ctrl-C during the validation below (long on a CPU) loses nothing
             p, s, _ = evaluate(ema, val_x[:256], device)
             with torch.no_grad():
                 xv = to_float(val_x[:16]).to(device)
                 pairs_grid(xv, ema.decode(ema.encode(xv)).clamp(-1, 1), os.path.join(out, "recon.png"))
-            save()
             say(f"step {step}: val psnr {p.mean():.2f} dB, ssim {s.mean():.4f} (EMA) | "
                 f"saved {path} and {os.path.join(out, 'recon.png')} | {time.time() - t0:.0f} s", flush=True)
         if stopping:
@@ -1046,6 +1049,11 @@ def train(args, on_step=None):
         dist.barrier()
         dist.destroy_process_group()
     return model
+
+
+def out_beside(args, name):
+    """--out by default: `name` in the folder of --ckpt (out/ for the default checkpoint)"""
+    return args.out or os.path.join(os.path.dirname(args.ckpt) or ".", name)
 
 
 def load_for_command(args):
@@ -1063,7 +1071,7 @@ def cmd_eval(args):
     if args.quantize_bits and cfg.bottleneck != "hash":
         fail("--quantize-bits quantizes key codes: it needs a hash-bottleneck checkpoint")
     try:
-        bits = [int(b) for b in args.quantize_bits.split(",")] if args.quantize_bits else []
+        bits = sorted({int(b) for b in args.quantize_bits.split(",")}) if args.quantize_bits else []
     except ValueError:
         bits = [0]
     if any(not 1 <= b <= 24 for b in bits):
@@ -1108,6 +1116,7 @@ def cmd_eval(args):
 def cmd_reconstruct(args):
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
+    args.out = out_beside(args, "reconstruct.png")
     check_image_out(args.out)
     model, cfg, ckpt, device, _, val_x = load_for_command(args)
     x = to_float(val_x[:args.n]).to(device)
@@ -1117,6 +1126,7 @@ def cmd_reconstruct(args):
 
 
 def cmd_encode(args):
+    args.out = out_beside(args, "codes.pt")
     check_overwrite(args.out, "bright-codes")
     model, cfg, ckpt, device, train_x, val_x = load_for_command(args)
     require_key_codes(cfg.bottleneck, args.ckpt)
@@ -1251,38 +1261,38 @@ def parser():
     t = sub.add_parser("train", parents=[common], help="train BRIGHT (under torchrun: DDP)")
     t.add_argument("--preset", default=None, choices=list(PRESETS))
     t.add_argument("--bottleneck", choices=["hash", "vq"], help="hash (BRIGHT, default) or vq (the baseline)")
-    t.add_argument("--out", default=DEFAULT_OUT)
-    t.add_argument("--max-iters", type=int)
-    t.add_argument("--batch-size", type=int, help="images per optimizer step, over all processes")
+    t.add_argument("--out", default=DEFAULT_OUT, help="folder for bright.pt, recon.png, log.csv (default: %(default)s)")
+    t.add_argument("--max-iters", type=int, help="optimizer steps in all (default: the preset's)")
+    t.add_argument("--batch-size", type=int, help="images per optimizer step, over all processes (default: the preset's)")
     t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: autocast on CUDA (the lookup stays float32)")
     t.add_argument("--compile", action="store_true", help="torch.compile the encoder, heads and decoder")
-    t.add_argument("--l1-weight", type=float)
+    t.add_argument("--l1-weight", type=float, help="L1 loss weight beside the MSE (default 0)")
     t.add_argument("--gan-weight", type=float, help="patch-GAN loss weight (default 0: off)")
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--set", help='other config fields as JSON, e.g. \'{"lr": 0.001}\'')
-    t.add_argument("--log-every", type=int, default=25)
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--log-every", type=int, default=25, help="steps between log lines (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue --out's bright.pt")
     for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table or codebook usage"),
                             ("reconstruct", cmd_reconstruct, "PNG of validation images and reconstructions"),
                             ("encode", cmd_encode, "key codes of every image, for diffusion.py")]:
         p = sub.add_parser(name, parents=[common], help=help_)
-        p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "bright.pt"))
+        p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "bright.pt"), help="BRIGHT checkpoint (default: %(default)s)")
         p.set_defaults(fn=fn)
         if name == "eval":
             p.add_argument("--json", action="store_true")
             p.add_argument("--quantize-bits", help="also evaluate with key codes quantized to b bits, e.g. 2,4,6,8")
             p.add_argument("--lpips", action="store_true", help="also LPIPS, if the lpips package is installed")
         if name == "reconstruct":
-            p.add_argument("--out", default=os.path.join(DEFAULT_OUT, "reconstruct.png"))
-            p.add_argument("--n", type=int, default=32)
+            p.add_argument("--out", help="PNG to write (default: reconstruct.png beside --ckpt)")
+            p.add_argument("--n", type=int, default=32, help="validation images (default: %(default)s)")
         if name == "encode":
-            p.add_argument("--out", default=os.path.join(DEFAULT_OUT, "codes.pt"))
+            p.add_argument("--out", help="key codes file to write (default: codes.pt beside --ckpt)")
     c = sub.add_parser("compare", parents=[common], help="runs side by side: table, curves, reconstructions")
     c.add_argument("runs", nargs="+", help="training output folders (each with bright.pt and log.csv)")
-    c.add_argument("--out", default="compare")
-    c.add_argument("--n", type=int, default=8)
+    c.add_argument("--out", default="compare", help="folder for curves.png and recon.png (default: %(default)s)")
+    c.add_argument("--n", type=int, default=8, help="validation images shown (default: %(default)s)")
     i = sub.add_parser("info", help="parameters and GMACs of the presets")
     i.add_argument("--preset", default=None, choices=list(PRESETS))
     t.set_defaults(fn=train); i.set_defaults(fn=cmd_info); c.set_defaults(fn=cmd_compare)

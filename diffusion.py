@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_fields, check_image_out,
                     check_overwrite, check_run_flags, config_from, ddp_wrap, ema_update, encode_images, fail,
-                    fingerprint, load_checkpoint, load_dataset, load_weights, parse_set, peak_memory, pick_device,
-                    preset_config, read_checkpoint, require_key_codes, resume_config, save_grid, setup_distributed,
+                    fingerprint, load_checkpoint, load_dataset, load_weights, out_beside, parse_set, peak_memory,
+                    pick_device, preset_config, read_checkpoint, require_key_codes, resume_config, save_grid, setup_distributed,
                     step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
@@ -539,6 +539,7 @@ def check_sampler_flags(args):
 def cmd_sample(args):
     if args.n < 1:
         fail("--n must be at least 1")
+    args.out = out_beside(args, "samples.png")
     check_image_out(args.out)
     if args.save_codes:
         check_overwrite(os.path.splitext(args.out)[0] + ".pt", "ddpm-samples")
@@ -571,6 +572,7 @@ def cmd_neighbors(args):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     check_sampler_flags(args)
+    args.out = out_beside(args, "neighbors.png")
     check_image_out(args.out)
     device, model, cfg, ckpt, bright, bckpt = load_for_sampling(args)
     data = args.data or ckpt.get("data") or bckpt.get("data") or DEFAULT_DATA
@@ -628,21 +630,23 @@ def parser():
     t.add_argument("--resume", action="store_true")
     t.set_defaults(fn=train)
     s = sub.add_parser("sample", parents=[common], help="sample key codes, decode them, write a PNG grid")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    s.add_argument("--n", type=int, default=64, help="samples (default: %(default)s)")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"],
+                   help="ddim (default; --steps, --eta) or ddpm (ancestral, all T steps)")
     s.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as DDPM")
-    s.add_argument("--out", default=os.path.join(DEFAULT_OUT, "samples.png"))
+    s.add_argument("--out", help="PNG to write (default: samples.png beside --ckpt)")
     s.add_argument("--save-codes", action="store_true", help="also write the sampled key codes (.pt beside the PNG)")
     s.set_defaults(fn=cmd_sample)
     nb = sub.add_parser("neighbors", parents=[common], help="samples beside their nearest training images")
     nb.add_argument("--n", type=int, default=16, help="samples shown, one a row")
     nb.add_argument("--k", type=int, default=4, help="neighbours shown for each distance")
-    nb.add_argument("--n-stats", type=int, default=128, help="samples and held-out images for the distance means")
+    nb.add_argument("--n-stats", type=int, default=128,
+                    help="held-out images for the distance means, and samples (at least --n) (default: %(default)s)")
     nb.add_argument("--data", help="training images (default: those the model was trained on)")
-    nb.add_argument("--out", default=os.path.join(DEFAULT_OUT, "neighbors.png"))
+    nb.add_argument("--out", help="PNG to write (default: neighbors.png beside --ckpt)")
     nb.set_defaults(fn=cmd_neighbors)
     for p in (s, nb):
-        p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"))
+        p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"), help="DDPM checkpoint (default: %(default)s)")
         p.add_argument("--steps", type=int, help="DDIM steps (default 50)")
         p.add_argument("--seed", type=int, default=0)
     return ap

@@ -534,14 +534,16 @@ def _benchmark():
     ap = argparse.ArgumentParser(description="time the grid lookup backends")
     ap.add_argument("--only", choices=["tiny", "paper"], help="run one configuration")
     ap.add_argument("--repeats", type=int, default=10,
-                    help="timed runs, median reported (at least 3; stops once they total 3 s)")
+                    help="timed runs at most, median reported (3 at least, more until they total 3 s)")
     ap.add_argument("--cpu-batch", type=int, default=1,
                     help="images per batch for 'paper' on CPU (16 on GPU)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time Triton launch-order / coordinate-gradient / block variants")
+                    help="CUDA: also time Triton launch-order / coordinate-gradient / block variants")
     ap.add_argument("--check", action="store_true",
-                    help="first compare the Triton output and gradients with the reference")
+                    help="CUDA: first compare the Triton output and gradients with the reference")
     args = ap.parse_args()
+    if args.repeats < 3 or args.cpu_batch < 1:
+        ap.error("--repeats must be at least 3 and --cpu-batch at least 1")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -567,12 +569,13 @@ def _benchmark():
               f"measured copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     else:
         print(f"device: CPU ({torch.get_num_threads()} threads); torch {torch.__version__}. "
-              "Triton rows skipped: its CPU interpreter is far too slow to time.")
+              "Triton rows skipped: its CPU interpreter is far too slow to time"
+              + (" (and so are --check and --variants)." if args.check or args.variants else "."))
 
     def timeit(fn):
         fn()  # warm-up: Triton compiles, caches fill
         times = []
-        while len(times) < args.repeats and (len(times) < 3 or sum(times) < 3.0):
+        while len(times) < 3 or (len(times) < args.repeats and sum(times) < 3.0):
             sync(); t0 = time.perf_counter(); fn(); sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)

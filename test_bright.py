@@ -11,6 +11,7 @@ import io
 import json
 import math
 import struct
+import signal
 import zlib
 from re import escape as re_escape
 import subprocess
@@ -716,6 +717,20 @@ def test_training_on_two_threads_is_bitwise_repeatable(tmp_path, two_threads):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_checkpoint_is_saved_before_the_validation(micro, data16, tmp_path, monkeypatch):
+    # a second Ctrl-C during the validation that follows a save (minutes for a CPU run with
+    # the interpreted kernels) ends the run as usual: the checkpoint of that step is written
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bright, "evaluate", interrupted)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt):
+        run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 2)
+    for sig, h in handlers.items():  # the interrupted run had no chance to put them back
+        signal.signal(sig, h)
+    assert torch.load(tmp_path / "bright.pt", weights_only=True)["step"] == 2
+
+
 def test_gan_term_starts_at_gan_start(micro, data16, tmp_path):
     """before gan_start the GAN run takes exactly the steps of a run without it; from then on
     the adversarial term changes them"""
@@ -770,6 +785,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     assert 0 < r["key_codes"]["min"] <= r["key_codes"]["max"] < 1 and math.isfinite(r["psnr"])
     run("reconstruct", "--ckpt", ck, "--data", data16, "--out", tmp_path / "r.png")
     assert Image.open(tmp_path / "r.png").size[0] > 16
+    run("reconstruct", "--ckpt", ck, "--data", data16, "--n", 2)     # without --out: beside the checkpoint
+    assert Image.open(out / "reconstruct.png").size[0] > 16
     run("encode", "--ckpt", ck, "--data", data16, "--out", tmp_path / "codes.pt")
     codes = torch.load(tmp_path / "codes.pt", weights_only=True)
     assert codes["codes"].shape == (12, 4, 4, 4) and codes["val_codes"].shape == (4, 4, 4, 4)
@@ -914,8 +931,9 @@ def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
 def test_eval_quantize_bits_and_lpips(micro, data16, tmp_path, capsys):
     run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 4)
     capsys.readouterr()
-    run("eval", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--json", "--quantize-bits", "1,16", "--lpips")
+    run("eval", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--json", "--quantize-bits", "16,1,16", "--lpips")
     r = json.loads(capsys.readouterr().out)
+    assert [d["bits"] for d in r["quantized"]] == [1, 16]   # each once, in order
     q = {d["bits"]: d for d in r["quantized"]}
     assert q[1]["code_bits_per_image"] == 4 * 4 * 4 and q[16]["code_bits_per_image"] == 16 * 64
     assert q[16]["psnr"] == pytest.approx(r["psnr"], abs=0.01)
