@@ -436,12 +436,13 @@ def train(args, on_step=None):
 
     def save():
         atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
+                     "optimizer": opt.state_dict(), "step": step, "seconds": time.time() - t0, "config": asdict(cfg),
                      "bright_ckpt": bright_path, "bright_config": bright_cfg, "bright_fingerprint": bright_fp,
                      "data": data, "codes": codes_path, "codes_count": N, "codes_probe": codes[:8].clone()}, path)
 
     stop, restore = catch_stop()
-    t0 = t_last = time.time()
+    t_last = time.time()
+    t0 = t_last - (ckpt or {}).get("seconds", 0)  # training time so far, across resumes
     s_last, losses = step, []
     model.train()
     shares = torch.arange(cfg.batch_size).view(world, cfg.grad_accum, micro)[rank]  # (accum, micro) of this rank
@@ -486,9 +487,8 @@ def train(args, on_step=None):
         if stopping:
             break
     restore()
-    if step < cfg.max_iters:
-        say(f"interrupted at step {step}; --resume continues")
-    say(f"done: step {step}, {time.time() - t0:.0f} s in all; saved {path}")
+    say(f"{'done' if step == cfg.max_iters else 'interrupted'}: step {step}, {time.time() - t0:.0f} s of training "
+        f"in all; saved {path}" + ("" if step == cfg.max_iters else "; --resume continues"))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1702,10 +1702,12 @@ def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     diff_run(*train_args(world, a, 4))
     diff_run(*train_args(world, b, 2))
+    seconds = torch.load(b / "ddpm.pt", weights_only=True)["seconds"]
     diff_run(*train_args(world, b, 4, "--resume"))
     ca, cb = (torch.load(p / "ddpm.pt", weights_only=True) for p in (a, b))
-    assert set(ca) == {"kind", "model", "ema", "optimizer", "step", "config", "bright_ckpt", "bright_config", "data",
-                       "bright_fingerprint", "codes", "codes_count", "codes_probe"}
+    assert set(ca) == {"kind", "model", "ema", "optimizer", "step", "seconds", "config", "bright_ckpt", "bright_config",
+                       "data", "bright_fingerprint", "codes", "codes_count", "codes_probe"}
+    assert cb["seconds"] > seconds > 0                # training time adds up over resumes
     assert ca["bright_fingerprint"] == bright.fingerprint(torch.load(world[2], weights_only=True)["ema"])
     assert ca["kind"] == "ddpm" and ca["step"] == cb["step"] == 4 and ca["config"] == cb["config"]
     assert ca["bright_ckpt"] == str(world[2]) and ca["bright_config"]["z_channels"] == 8
