@@ -33,6 +33,7 @@ from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners, 
 
 DEFAULT_DATA = "data/shapes"
 DEFAULT_OUT = "out"
+LOG_COLUMNS = ("iteration", "loss", "psnr", "seconds")  # log.csv
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -641,8 +642,8 @@ def check_overwrite(path, kind):
 
 def check_backend(backend, device):
     """--backend triton where Triton cannot run: one line now, not a traceback at the first lookup"""
-    if backend == "triton" and triton_problem(device):
-        fail(triton_problem(device))
+    if backend == "triton" and (why := triton_problem(device)):
+        fail(why)
 
 
 def require_key_codes(bottleneck, path):
@@ -670,14 +671,14 @@ def open_log(path, step):
     """log.csv for appending, holding only its rows up to `step`: a run killed (SIGKILL, OOM)
     after its last checkpoint logged steps that --resume trains again, and a fresh run starts
     over, so their rows would repeat and the curves in `compare` would go back in time"""
-    header, rows = "iteration,loss,psnr,seconds\n", []
+    rows = []
     if os.path.isfile(path):
         with open(path) as f:
             # a line cut short by the kill has no newline: dropped too
-            rows = [l for l in f.readlines()[1:] if l.endswith("\n") and l.split(",")[0].isdigit()
-                    and int(l.split(",")[0]) <= step]
+            rows = [l for l in f.readlines()[1:]
+                    if l.endswith("\n") and (n := l.split(",")[0]).isdigit() and int(n) <= step]
     with open(f"{path}.tmp", "w") as f:  # temp file + rename, like the checkpoint
-        f.write(header + "".join(rows))
+        f.write(",".join(LOG_COLUMNS) + "\n" + "".join(rows))
     os.replace(f"{path}.tmp", path)
     return open(path, "a")
 
@@ -1177,7 +1178,7 @@ def read_log(run):
     if not os.path.isfile(path):
         fail(f"{path!r} not found")
     rows = [l.split(",") for l in open(path).read().split()[1:]]
-    return {k: [float(r[i]) for r in rows] for i, k in enumerate(("iteration", "loss", "psnr", "seconds"))}
+    return {k: [float(r[i]) for r in rows] for i, k in enumerate(LOG_COLUMNS)}
 
 
 def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_fields, check_image_out,
                     check_overwrite, check_run_flags, config_from, ddp_wrap, ema_update, encode_images, fail,
                     fingerprint, load_checkpoint, load_dataset, load_weights, out_beside, parse_set, peak_memory,
-                    pick_device, preset_config, read_checkpoint, require_key_codes, resume_config, save_grid, setup_distributed,
-                    step_seed, step_stats, sync_grads)
+                    pick_device, preset_config, read_checkpoint, require_key_codes, resume_config, save_grid,
+                    setup_distributed, step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 
@@ -487,8 +487,9 @@ def train(args, on_step=None):
         if stopping:
             break
     restore()
-    say(f"{'done' if step == cfg.max_iters else 'interrupted'}: step {step}, {time.time() - t0:.0f} s of training "
-        f"in all; saved {path}" + ("" if step == cfg.max_iters else "; --resume continues"))
+    done = step == cfg.max_iters
+    say(f"{'done' if done else 'interrupted'}: step {step}, {time.time() - t0:.0f} s of training in all; "
+        f"saved {path}{'' if done else '; --resume continues'}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

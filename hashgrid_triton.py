@@ -445,8 +445,8 @@ def _launch_args(coords, tables, spec, block):
     L, Fe = spec.levels, spec.features
     if coords.is_cuda != tables.is_cuda:
         raise ValueError("grid_lookup_triton: coords and tables must be on the same device")
-    if triton_problem(coords.device):
-        raise RuntimeError(triton_problem(coords.device))
+    if why := triton_problem(coords.device):
+        raise RuntimeError(why)
     if D > 4 or Fe & (Fe - 1) or Fe > 64:
         raise ValueError(f"grid_lookup_triton: needs D <= 4 and F a power of 2, got D={D}, "
                          f"F={Fe}")
