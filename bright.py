@@ -254,20 +254,25 @@ class Config:
 
     @property
     def noise_sigma(self):
-        return 1 / (4 * self.max_res)   # key-code noise: a quarter of the finest cell
+        # key-code noise σ = 1/256 at the finest resolution 64, a quarter of the finest cell
+        # (the method is described as "half a cell, 1/256": the number is the one kept)
+        return 1 / (4 * self.max_res)
 
 
 PRESETS = {
     # fits a 2-core CPU: 64^2 shapes, key codes 16x16x4 (the Config defaults), 4 groups of 3-D
     # grids; batch 8, a decaying lr and a shorter EMA: ~30 dB in 8 minutes on the default shapes
     "tiny": dict(batch_size=8, max_iters=4400, lr_final=0.1, ema_decay=0.995),
-    # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18
+    # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18;
+    # tables = 74,521,088 params with these grid settings (the paper's table: 42.9M, per-group
+    # sizes not given)
     "ffhq256": dict(image_size=256, z_size=16, z_channels=16, levels=16, features=4,
                     log2_table_size=18, min_res=16, max_res=64, feat_size=64, c_d=512,
                     head_hidden=64, enc_widths=(32, 64, 128, 256, 256),
                     dec_widths=(512, 256, 128), style_dim=512, ema_decay=0.999,
                     max_iters=400_000, eval_every=5000),
-    # the paper's LSUN-Church model: key codes 64x64x4, 4 groups; tables = 18,630,272 params
+    # the paper's LSUN-Church model: key codes 64x64x4, 4 groups; tables = 18,630,272 params,
+    # the v3 paper's figure (the project page's table says 11.4M)
     "church256": dict(image_size=256, z_size=64, z_channels=4, levels=16, features=4,
                       log2_table_size=18, min_res=16, max_res=64, feat_size=64, c_d=512,
                       head_hidden=128, enc_widths=(32, 64, 128), dec_widths=(512, 256, 128),
@@ -344,6 +349,7 @@ class BRIGHT(nn.Module):
 
     def encode(self, x):
         """images (B, 3, H, W) in [-1, 1] -> key codes (B, C_z, H_z, W_z) in (0, 1)
+        (0 or 1 exactly only for |logit| > ~17 in fp32, where the sigmoid's own slope is ~0)
         (vq: the unquantized encoder vectors, unbounded)"""
         h = self.encoder(x)
         # the key codes are computed in fp32 even under bf16 autocast: bf16 keeps 8 bits of
@@ -373,8 +379,9 @@ class BRIGHT(nn.Module):
         B, H = z.shape[0], self.cfg.feat_size
         if self.cfg.bottleneck == "vq":
             return self.head(self.tile(self.unembed(z)))                       # via (B, G*L*F, H_d, W_d)
-        # the lookup stays in fp32 under autocast: coordinates need the bits (see encode), and
-        # the table entries are updated by ~lr per step, far below a bf16 step at their size
+        # the lookup stays in fp32 under autocast: the coordinates need the bits (see encode),
+        # the tables are fp32 parameters, and the table gradient is summed by scatter-adds,
+        # which in bf16 would round at every one of the many small contributions to an entry
         with fp32(z):
             feats = grid_lookup(self.queries(z), self.tables, self.spec, self.backend)  # (N, G, L*F)
         feats = feats.reshape(B, H, H, -1).permute(0, 3, 1, 2)                 # (B, G*L*F, H_d, W_d)
@@ -667,18 +674,19 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
-def open_log(path, step):
+def open_log(path, step, columns=LOG_COLUMNS):
     """log.csv for appending, holding only its rows up to `step`: a run killed (SIGKILL, OOM)
     after its last checkpoint logged steps that --resume trains again, and a fresh run starts
     over, so their rows would repeat and the curves in `compare` would go back in time"""
     rows = []
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.isfile(path):
         with open(path) as f:
             # a line cut short by the kill has no newline: dropped too
             rows = [l for l in f.readlines()[1:]
                     if l.endswith("\n") and (n := l.split(",")[0]).isdigit() and int(n) <= step]
     with open(f"{path}.tmp", "w") as f:  # temp file + rename, like the checkpoint
-        f.write(",".join(LOG_COLUMNS) + "\n" + "".join(rows))
+        f.write(",".join(columns) + "\n" + "".join(rows))
     os.replace(f"{path}.tmp", path)
     return open(path, "a")
 
@@ -1172,13 +1180,13 @@ def cmd_info(args):
               f"{c['decoder_gmacs'] + c['lookup_gmacs']:.2f} GMACs (encoder {c['encoder_gmacs']:.2f})")
 
 
-def read_log(run):
-    """run folder -> columns of its log.csv (iteration, loss, psnr, seconds)"""
-    path = os.path.join(run, "log.csv")
+def read_log(run, name="log.csv", columns=LOG_COLUMNS):
+    """run folder -> columns of its log (BRIGHT's: iteration, loss, psnr, seconds)"""
+    path = os.path.join(run, name)
     if not os.path.isfile(path):
         fail(f"{path!r} not found")
     rows = [l.split(",") for l in open(path).read().split()[1:]]
-    return {k: [float(r[i]) for r in rows] for i, k in enumerate(LOG_COLUMNS)}
+    return {k: [float(r[i]) for r in rows] for i, k in enumerate(columns)}
 
 
 def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_fields, check_image_out,
                     check_overwrite, check_run_flags, config_from, ddp_wrap, ema_update, encode_images, fail,
-                    fingerprint, load_checkpoint, load_dataset, load_weights, out_beside, parse_set, peak_memory,
-                    pick_device, preset_config, read_checkpoint, require_key_codes, resume_config, save_grid,
-                    setup_distributed, step_seed, step_stats, sync_grads)
+                    fingerprint, load_checkpoint, load_dataset, load_weights, open_log, out_beside, parse_set,
+                    peak_memory, pick_device, preset_config, read_checkpoint, require_key_codes, resume_config,
+                    save_grid, setup_distributed, step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
+LOG_COLUMNS = ("iteration", "loss", "seconds")  # ddpm_log.csv, beside ddpm.pt (and BRIGHT's log.csv)
 
 
 # ----------------------------------------------------------------------------- schedule and samplers
@@ -441,6 +442,7 @@ def train(args, on_step=None):
                      "data": data, "codes": codes_path, "codes_count": N, "codes_probe": codes[:8].clone()}, path)
 
     stop, restore = catch_stop()
+    log = open_log(os.path.join(args.out, "ddpm_log.csv"), step, LOG_COLUMNS) if rank == 0 else None
     t_last = time.time()
     t0 = t_last - (ckpt or {}).get("seconds", 0)  # training time so far, across resumes
     s_last, losses = step, []
@@ -476,16 +478,20 @@ def train(args, on_step=None):
         losses.append(loss_v)
         if on_step:
             on_step(step, model, loss_v)
-        if step % args.log_every == 0 or step == cfg.max_iters:
-            now = time.time()
+        if step % args.log_every == 0 or step == cfg.max_iters or stopping:
+            now, mean = time.time(), sum(losses) / len(losses)  # the loss is noisy: its mean since the last line
             its = (step - s_last) / max(now - t_last, 1e-9)
-            say(f"iter {step:6d}/{cfg.max_iters} | loss {sum(losses) / len(losses):.4f} | {its:6.2f} it/s | "
+            say(f"iter {step:6d}/{cfg.max_iters} | loss {mean:.4f} | {its:6.2f} it/s | "
                 f"eta {(cfg.max_iters - step) / max(its, 1e-9) / 60:5.1f} min{peak_memory(device)}", flush=True)
+            if log:
+                log.write(f"{step},{mean:.6f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last, losses = now, step, []
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_iters or stopping):
             save()
         if stopping:
             break
+    if log:
+        log.close()
     restore()
     done = step == cfg.max_iters
     say(f"{'done' if done else 'interrupted'}: step {step}, {time.time() - t0:.0f} s of training in all; "

@@ -236,10 +236,12 @@ def grid_lookup(coords, tables, spec, backend="torch"):
 # Triton kernels
 # =========================================================================================
 # Each @triton.jit helper mirrors the torch function with the same name minus "_tl" above,
-# so the two can be read side by side. One program handles BLOCK points of one (group,
-# level); its per-point values are (BLOCK,) tensors and the D per-dimension values of a
-# point are tuples of D such tensors (D is a constexpr, so every loop over d or over the 2^D
-# corners is unrolled at compile time).
+# so the two can be read side by side; corner_weight_tl is the weight product written inline
+# in grid_lookup_reference, and clamp_coords_tl returns the `inside` mask that clamp_coords
+# applies through torch.where (the backward kernel zeroes x's gradient outside with it).
+# One program handles BLOCK points of one (group, level); its per-point values are (BLOCK,)
+# tensors and the D per-dimension values of a point are tuples of D such tensors (D is a
+# constexpr, so every loop over d or over the 2^D corners is unrolled at compile time).
 
 BLOCK_POINTS = 128     # points per program on the GPU (1 point per thread at NUM_WARPS = 4)
 NUM_WARPS = 4

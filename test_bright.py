@@ -1703,7 +1703,14 @@ def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
     diff_run(*train_args(world, a, 4))
     diff_run(*train_args(world, b, 2))
     seconds = torch.load(b / "ddpm.pt", weights_only=True)["seconds"]
+    with open(b / "ddpm_log.csv", "a") as f:  # as if killed at step 4 after the checkpoint of step 2
+        f.write("3,0.1,9.9\n4,0.1")
     diff_run(*train_args(world, b, 4, "--resume"))
+    # ddpm_log.csv, as BRIGHT's log.csv: steps 3 and 4 once, from the resumed run
+    log = lambda run: bright.read_log(run, "ddpm_log.csv", diffusion.LOG_COLUMNS)
+    assert log(a)["iteration"] == log(b)["iteration"] == [1, 2, 3, 4]
+    assert log(a)["loss"] == log(b)["loss"] and 0.1 not in log(b)["loss"]
+    assert log(b)["seconds"][-1] == pytest.approx(torch.load(b / "ddpm.pt", weights_only=True)["seconds"], abs=0.5)
     ca, cb = (torch.load(p / "ddpm.pt", weights_only=True) for p in (a, b))
     assert set(ca) == {"kind", "model", "ema", "optimizer", "step", "seconds", "config", "bright_ckpt", "bright_config",
                        "data", "bright_fingerprint", "codes", "codes_count", "codes_probe"}
@@ -1797,6 +1804,8 @@ def test_diffusion_ddp_and_grad_accum(world, tmp_path):
     r0, _ = torchrun_two(tmp_path, "diffusion", [*train_args(world, tmp_path / "ddp", 3), "--device", "cpu"])
     assert [l for _, l, _ in r0] == pytest.approx(whole, rel=1e-4)
     assert torch.load(tmp_path / "ddp" / "ddpm.pt", weights_only=True)["step"] == 3
+    log = (tmp_path / "ddp" / "ddpm_log.csv").read_text().splitlines()  # rank 0's alone
+    assert log[0] == "iteration,loss,seconds" and [l.split(",")[0] for l in log[1:]] == ["1", "2", "3"]
     # with dropout, each micro-batch slot (process x micro-batch) has its own mask seed: the two
     # processes draw the masks of one process's two micro-batches (not the same masks twice)
     # (30 steps without warm-up: the zero-initialised conv after each dropout makes it matter
