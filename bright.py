@@ -997,7 +997,7 @@ def train(args, on_step=None):
         for g in opt.param_groups:
             g["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
-        stats = torch.zeros(2, device=device)  # loss, psnr: means over this rank's share of the batch
+        stats = torch.zeros(3, device=device)  # loss, psnr, D loss: means over this rank's share of the batch
         fakes, gan = [], disc is not None and step >= cfg.gan_start
         for k, sel in enumerate(shares):
             x = to_float(train_x[idx[sel]]).to(device)
@@ -1025,17 +1025,20 @@ def train(args, on_step=None):
                         logits = ddisc(torch.cat([y, x])).float()
                         d_loss = F.softplus(logits[:len(x)]).mean() + F.softplus(-logits[len(x):]).mean()
                     (d_loss / cfg.grad_accum).backward()
+                stats[2] += d_loss.detach().float() / cfg.grad_accum
             d_opt.step()
         step += 1
-        loss_v, psnr_v, stopping = step_stats(stats, stop, world)
+        loss_v, psnr_v, d_loss_v, stopping = step_stats(stats, stop, world)
         if on_step:
             on_step(step, model, loss_v)
         if step % args.log_every == 0 or step in (1, cfg.max_iters) or stopping:
             now = time.time()
             its = (step - s_last) / max(now - t_last, 1e-9)
             eta = (cfg.max_iters - step) / max(its, 1e-9)
+            # with the GAN term: the discriminator's loss too (near 0: D wins, 2 log 2 = 1.39: a draw)
             say(f"iter {step:6d}/{cfg.max_iters} | loss {loss_v:.5f} | psnr {psnr_v:5.2f} dB | "
-                f"{its:5.2f} it/s | eta {eta / 60:5.1f} min{peak_memory(device)}", flush=True)
+                + (f"D loss {d_loss_v:.4f} | " if gan else "")
+                + f"{its:5.2f} it/s | eta {eta / 60:5.1f} min{peak_memory(device)}", flush=True)
             if log:
                 log.write(f"{step},{loss_v:.6f},{psnr_v:.3f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last = now, step

@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 import io
 import json
 import math
+import re
 import struct
 import signal
 import zlib
@@ -731,15 +732,21 @@ def test_checkpoint_is_saved_before_the_validation(micro, data16, tmp_path, monk
     assert torch.load(tmp_path / "bright.pt", weights_only=True)["step"] == 2
 
 
-def test_gan_term_starts_at_gan_start(micro, data16, tmp_path):
+def test_gan_term_starts_at_gan_start(micro, data16, tmp_path, capsys):
     """before gan_start the GAN run takes exactly the steps of a run without it; from then on
-    the adversarial term changes them"""
+    the adversarial term changes them, and the log lines show the discriminator's loss"""
     def weights(name, *flags):
-        run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / name, "--max-iters", 3, *flags)
+        run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / name, "--max-iters", 3,
+            "--log-every", 1, *flags)
+        weights.d_losses = [float(m) for m in re.findall(r"D loss (\S+) ", capsys.readouterr().out)]
         return torch.load(tmp_path / name / "bright.pt", weights_only=True)["model"]
     plain = weights("plain")
+    assert weights.d_losses == []
     late = weights("late", "--gan-weight", "0.5", "--set", '{"gan_start": 3}')
+    assert weights.d_losses == []               # 3 steps: iterations 0..2, all before gan_start
     early = weights("early", "--gan-weight", "0.5", "--set", '{"gan_start": 2}')
+    # iteration 2 alone: softplus losses of real and fake, near 2 log 2 = 1.39 as D starts
+    assert len(weights.d_losses) == 1 and 0.5 < weights.d_losses[0] < 3
     assert all(torch.equal(plain[k], late[k]) for k in plain)
     assert not all(torch.equal(plain[k], early[k]) for k in plain)
 
