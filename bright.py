@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import importlib.util
+import io
 import json
 import math
 import os
@@ -627,15 +628,38 @@ def lpips_metric(device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def check_out_folder(folder, what="--out"):
+    """an output folder, made now: a file in its way is one line before the work, not a
+    traceback at the end of a run (or at its first checkpoint)"""
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as e:
+        fail(f"{what} {folder!r}: cannot make that folder ({e.strerror}: {e.filename})")
+
+
+def check_out_file(path, what="--out"):
+    """an output file name: not a folder, in a folder that can be made"""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        fail(f"{what} {path!r} is a folder: name a file in it")
+    check_out_folder(os.path.dirname(path), what)
+
+
 def check_image_out(path):
-    """an image file name PIL can write, checked before the work rather than after it"""
+    """an image file name PIL can write RGB to, checked before the work rather than after it"""
     Image.init()
-    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if not fmt:
         fail(f"--out {path!r} needs an image file extension such as .png")
+    try:  # registered is not writable: PIL reads .psd but cannot write it, and .xbm is 1-bit only
+        Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
+    except Exception:
+        fail(f"--out {path!r}: pillow cannot write RGB images as {fmt}; use .png or .jpg")
+    check_out_file(path)
 
 
 def check_overwrite(path, kind):
     """outputs such as key codes replace only a file of their own kind: never a checkpoint"""
+    check_out_file(path)
     if os.path.exists(path):
         try:
             old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -693,8 +717,13 @@ def open_log(path, step, columns=LOG_COLUMNS):
 
 def read_checkpoint(path, kind, hint="train one first"):
     """torch.load(weights_only=True) of a dict whose "kind" must be `kind`, or one error line"""
+    if os.path.isdir(path):
+        fail(f"{path!r} is a folder: name the checkpoint file in it")
     if not os.path.isfile(path):
         fail(f"{path!r} not found ({hint})")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            fail(f"{path!r} is not a checkpoint (not a file torch.save wrote)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -703,6 +732,16 @@ def read_checkpoint(path, kind, hint="train one first"):
     if got != kind:
         fail(f"{path!r} is not a {kind} file (kind: {got})")
     return ckpt
+
+
+def recorded(ckpt, key, path, flag):
+    """a path that checkpoint `path` records (absolute: a command may run from another folder),
+    or None. Gone since (moved, another machine): one line that names the flag to pass instead.
+    The built-in data is not checked: train makes it again."""
+    p = (ckpt or {}).get(key)
+    if p and not os.path.exists(p) and os.path.abspath(p) != os.path.abspath(DEFAULT_DATA):
+        fail(f"{p!r}, which {path} records as its {key}, is gone: pass {flag}")
+    return p
 
 
 def load_checkpoint(path, device="cpu"):
@@ -930,16 +969,17 @@ def train(args, on_step=None):
         if os.path.exists(path):
             fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
         cfg = make_config(args.preset or "tiny", **asked)
+        check_out_folder(out)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     amp = autocast(device, args.dtype)
     check_backend(args.backend, device)
-    data = args.data or (ckpt or {}).get("data") or DEFAULT_DATA  # a resumed run: its own data
+    data = args.data or recorded(ckpt, "data", path, "--data") or DEFAULT_DATA  # a resumed run: its own data
     if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(ckpt.get("data") or args.data):
         say(f"note: {path} was trained on {ckpt['data']} so far; it goes on with {args.data}")
-    if data == DEFAULT_DATA and rank == 0:
+    if os.path.abspath(data) == os.path.abspath(DEFAULT_DATA) and rank == 0:
         prepare_shapes(DEFAULT_DATA)
     if world > 1:
         dist.barrier()
@@ -978,7 +1018,8 @@ def train(args, on_step=None):
 
     def save():
         atomic_save({"kind": "bright", "config": asdict(cfg), "step": step, "seconds": time.time() - t0,
-                     "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "data": data,
+                     "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     "data": os.path.abspath(data),
                      **({"disc": disc.state_dict(), "disc_optimizer": d_opt.state_dict()} if disc else {})}, path)
 
     stop, restore = catch_stop()
@@ -1073,13 +1114,13 @@ def load_for_command(args):
     check_backend(args.backend, device)
     model, cfg, ckpt = load_checkpoint(args.ckpt, device)
     model.backend = args.backend
-    data = args.data or ckpt.get("data") or DEFAULT_DATA
+    data = args.data or recorded(ckpt, "data", args.ckpt, "--data") or DEFAULT_DATA
     train_x, val_x = load_dataset(data, cfg.image_size)
-    return model, cfg, ckpt, device, train_x, val_x
+    return model, cfg, ckpt, device, data, train_x, val_x
 
 
 def cmd_eval(args):
-    model, cfg, ckpt, device, _, val_x = load_for_command(args)
+    model, cfg, ckpt, device, _, _, val_x = load_for_command(args)
     if args.quantize_bits and cfg.bottleneck != "hash":
         fail("--quantize-bits quantizes key codes: it needs a hash-bottleneck checkpoint")
     try:
@@ -1130,7 +1171,7 @@ def cmd_reconstruct(args):
         fail(f"--n must be at least 1, got {args.n}")
     args.out = out_beside(args, "reconstruct.png")
     check_image_out(args.out)
-    model, cfg, ckpt, device, _, val_x = load_for_command(args)
+    model, cfg, ckpt, device, _, _, val_x = load_for_command(args)
     x = to_float(val_x[:args.n]).to(device)
     with torch.no_grad():
         pairs_grid(x, model.decode(model.encode(x)).clamp(-1, 1), args.out)
@@ -1140,10 +1181,12 @@ def cmd_reconstruct(args):
 def cmd_encode(args):
     args.out = out_beside(args, "codes.pt")
     check_overwrite(args.out, "bright-codes")
-    model, cfg, ckpt, device, train_x, val_x = load_for_command(args)
+    model, cfg, ckpt, device, data, train_x, val_x = load_for_command(args)
     require_key_codes(cfg.bottleneck, args.ckpt)
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
-    atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1], "bright_ckpt": args.ckpt,
+    # where they come from, for diffusion.py: the model that decodes them, the images (neighbors)
+    atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1],
+                 "bright_ckpt": os.path.abspath(args.ckpt), "data": os.path.abspath(data),
                  "bright_fingerprint": fingerprint(ckpt["ema"]), "config": asdict(cfg)}, args.out)
     print(f"wrote {args.out}: key codes {tuple(codes[0].shape)} train, {tuple(codes[1].shape)} val")
 
@@ -1224,6 +1267,7 @@ def cmd_compare(args):
     """runs side by side: a markdown table, PSNR-vs-iteration curves, reconstructions"""
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
+    check_out_folder(args.out)
     device = pick_device(args.device)
     check_backend(args.backend, device)
     rows, curves, recons = [], {}, []
@@ -1231,7 +1275,8 @@ def cmd_compare(args):
         model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
         model.backend = args.backend
         if i == 0:  # every run on the same validation images: --data, or the first run's
-            _, val_x = load_dataset(args.data or ckpt.get("data") or DEFAULT_DATA, cfg.image_size)
+            data = args.data or recorded(ckpt, "data", os.path.join(run, "bright.pt"), "--data") or DEFAULT_DATA
+            _, val_x = load_dataset(data, cfg.image_size)
             x = to_float(val_x[:args.n])
         elif cfg.image_size != val_x.shape[-1]:
             fail(f"compare needs runs of one image size: {run} is {cfg.image_size}^2, "
@@ -1316,5 +1361,15 @@ def main(argv=None):
     args.fn(args)
 
 
+def cli(main):
+    """the entry point of a script: Ctrl-C outside a training loop (which saves and stops on its
+    own) ends the command with one line, not a traceback from wherever it was"""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_fields, check_image_out,
-                    check_overwrite, check_run_flags, config_from, ddp_wrap, ema_update, encode_images, fail,
-                    fingerprint, load_checkpoint, load_dataset, load_weights, open_log, out_beside, parse_set,
-                    peak_memory, pick_device, preset_config, read_checkpoint, require_key_codes, resume_config,
-                    save_grid, setup_distributed, step_seed, step_stats, sync_grads)
+                    check_out_folder, check_overwrite, check_run_flags, cli, config_from, ddp_wrap, ema_update,
+                    encode_images, fail, fingerprint, load_checkpoint, load_dataset, load_weights, open_log,
+                    out_beside, parse_set, peak_memory, pick_device, preset_config, read_checkpoint, recorded,
+                    require_key_codes, resume_config, save_grid, setup_distributed, step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 LOG_COLUMNS = ("iteration", "loss", "seconds")  # ddpm_log.csv, beside ddpm.pt (and BRIGHT's log.csv)
@@ -218,6 +218,8 @@ class DiffusionConfig:
                                     "grad_accum lr grad_clip save_every",
                      non_negative="warmup max_iters", fraction="dropout ema_decay")
         self.mults = tuple(self.mults)
+        if not self.mults:  # (check_fields checks the entries)
+            raise ValueError("mults must list at least one resolution, got []")
         if self.z_size % 2 ** (len(self.mults) - 1):
             raise ValueError(f"key codes of size {self.z_size} cannot be halved {len(self.mults) - 1} times "
                              f"(UNet mults {self.mults}): H_z must be a multiple of {2 ** (len(self.mults) - 1)}")
@@ -360,12 +362,22 @@ def train(args, on_step=None):
     ckpt = read_checkpoint(path, "ddpm", "nothing to resume") if args.resume else None
     if not ckpt and os.path.exists(path):
         fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
+    check_out_folder(args.out)
+    flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                 seed=args.seed)
+    asked = {**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}  # flags win over --set
+    if ckpt:  # its config first: a flag it refuses costs no encoding of a whole dataset
+        stored = config_from(DiffusionConfig, ckpt, path)
+        cfg = resume_config(DiffusionConfig, ckpt, path, asked, args.preset and make_config(
+            args.preset, **{**asked, "z_channels": stored.z_channels, "z_size": stored.z_size}))
+        check_run_flags(args, ckpt["step"], cfg.max_iters, path)
     # 1. the key codes of the training images, from a codes file or encoded here; a resumed run
     # takes its checkpoint's codes file unless told otherwise, and checks the codes are the same
-    codes_path = args.codes or (ckpt.get("codes") if ckpt and not (args.data or args.bright_ckpt) else None)
+    codes_path = args.codes or (recorded(ckpt, "codes", path, "--codes, or --data and --bright-ckpt")
+                                if not (args.data or args.bright_ckpt) else None)
     if codes_path:
         d = read_checkpoint(codes_path, "bright-codes", "write one with: python bright.py encode")
-        codes, bright_cfg, data = d.get("codes"), d.get("config"), None
+        codes, bright_cfg, data = d.get("codes"), d.get("config"), d.get("data")  # data: their images
         bright_path, bright_fp = d.get("bright_ckpt"), d.get("bright_fingerprint")
         check_codes(codes, codes_path)
         if args.bright_ckpt:  # it will decode these codes at sampling time: the model that made them
@@ -376,24 +388,21 @@ def train(args, on_step=None):
                 fail(f"{codes_path} holds key codes of another BRIGHT model than {args.bright_ckpt}")
             bright_path, bright_cfg, bright_fp = args.bright_ckpt, b["config"], fp
     else:
-        bright_path = args.bright_ckpt or (ckpt["bright_ckpt"] if ckpt else DEFAULT_BRIGHT)
+        bright_path = args.bright_ckpt or (recorded(ckpt, "bright_ckpt", path, "--bright-ckpt") if ckpt
+                                           else DEFAULT_BRIGHT)
         bright, bcfg, bckpt = load_bright(bright_path, device)
-        data = args.data or (ckpt or {}).get("data") or bckpt.get("data") or DEFAULT_DATA
+        data = (args.data or recorded(ckpt, "data", path, "--data")
+                or recorded(bckpt, "data", bright_path, "--data") or DEFAULT_DATA)
         images, _ = load_dataset(data, bcfg.image_size)
         t0 = time.time()
         codes, bright_cfg, bright_fp = encode_images(bright, images, device), bckpt["config"], fingerprint(bckpt["ema"])
         say(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
         del bright, images
     N, C, H, _ = codes.shape
-    flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                 seed=args.seed)
-    asked = {**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}  # flags win over --set
     for k, v in (("z_channels", C), ("z_size", H)):  # the codes fix them: asking for others is a mistake
         if asked.get(k, v) != v:
             fail(f"--set {k} {asked[k]}: the key codes have {k} {v} ({C}x{H}x{H})")
     if ckpt:
-        cfg = resume_config(DiffusionConfig, ckpt, path, asked,
-                            args.preset and make_config(args.preset, **{**asked, "z_channels": C, "z_size": H}))
         check_codes(codes, "the training codes", cfg)
         if None not in (ckpt.get("bright_fingerprint"), bright_fp) and ckpt["bright_fingerprint"] != bright_fp:
             fail(f"{path} was trained on the key codes of another BRIGHT model than {bright_path}")
@@ -407,7 +416,7 @@ def train(args, on_step=None):
                  f"resume with the same --codes, or --data and --bright-ckpt")
     else:  # the codes fix C_z and H_z
         cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
-    check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
+        check_run_flags(args, 0, cfg.max_iters, path)
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     micro = cfg.batch_size // (world * cfg.grad_accum)
@@ -438,8 +447,10 @@ def train(args, on_step=None):
     def save():
         atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "seconds": time.time() - t0, "config": asdict(cfg),
-                     "bright_ckpt": bright_path, "bright_config": bright_cfg, "bright_fingerprint": bright_fp,
-                     "data": data, "codes": codes_path, "codes_count": N, "codes_probe": codes[:8].clone()}, path)
+                     "bright_ckpt": bright_path and os.path.abspath(bright_path), "bright_config": bright_cfg,
+                     "bright_fingerprint": bright_fp, "data": data and os.path.abspath(data),
+                     "codes": codes_path and os.path.abspath(codes_path), "codes_count": N,
+                     "codes_probe": codes[:8].clone()}, path)
 
     stop, restore = catch_stop()
     log = open_log(os.path.join(args.out, "ddpm_log.csv"), step, LOG_COLUMNS) if rank == 0 else None
@@ -504,9 +515,15 @@ def train(args, on_step=None):
 
 
 @torch.no_grad()
-def generate(model, cfg, n, device, sampler="ddim", steps=50, eta=0.0, seed=0, bs=256):
+def ddim_steps(cfg, steps=None):
+    """DDIM's number of steps: 50 unless asked, and never more than the model's T"""
+    return min(50, cfg.timesteps) if steps is None else steps
+
+
+def generate(model, cfg, n, device, sampler="ddim", steps=None, eta=0.0, seed=0, bs=256):
     """-> n key codes (n, C_z, H_z, W_z) in [0, 1], sampled in batches of bs"""
     diffusion, g, out = Diffusion(cfg.timesteps, device), torch.Generator(device).manual_seed(seed), []
+    steps = ddim_steps(cfg, steps)
     for i in range(0, n, bs):
         shape = (min(bs, n - i), cfg.z_channels, cfg.z_size, cfg.z_size)
         x = (diffusion.ddpm_sample(model, shape, device, g) if sampler == "ddpm"
@@ -518,12 +535,15 @@ def generate(model, cfg, n, device, sampler="ddim", steps=50, eta=0.0, seed=0, b
 def load_for_sampling(args):
     device = pick_device(args.device)
     model, cfg, ckpt = load_ddpm(args.ckpt, device)
-    path = args.bright_ckpt or ckpt.get("bright_ckpt")
+    if args.steps is not None and not 1 <= args.steps <= cfg.timesteps:  # before the work, not at its end
+        fail(f"--steps must be in 1..{cfg.timesteps} (the model's T), got {args.steps}")
+    path = args.bright_ckpt or recorded(ckpt, "bright_ckpt", args.ckpt, "--bright-ckpt")
     if not path:
         fail(f"{args.ckpt!r} does not say which BRIGHT checkpoint decodes its key codes: pass --bright-ckpt")
     bright, _, bckpt = load_bright(path, device, cfg)
     old, new = ckpt.get("bright_config") or {}, bckpt["config"]
-    if any(new[k] != v for k, v in old.items() if k in new):  # fields that bright.py added since are no change
+    # fields that bright.py added since are no change, nor those a resumed run may change
+    if any(new[k] != v for k, v in old.items() if k in new and k not in ("max_iters", "grad_accum")):
         print(f"warning: {path} has another config than the BRIGHT model the diffusion model was trained for")
     elif ckpt.get("bright_fingerprint") not in (None, fingerprint(bckpt["ema"])):
         print(f"warning: {path} has other weights than the BRIGHT model whose key codes {args.ckpt} was trained "
@@ -536,11 +556,12 @@ def check_sampler_flags(args):
     if getattr(args, "sampler", "ddim") == "ddpm":
         if args.steps is not None or args.eta is not None:
             fail("--steps and --eta are DDIM's: --sampler ddpm takes all T steps with its own noise")
-    else:
-        args.steps = 50 if args.steps is None else args.steps
+    else:  # --steps: checked against the model's T once it is loaded (load_for_sampling)
         args.eta = 0.0 if getattr(args, "eta", None) is None else args.eta
         if not 0 <= args.eta <= 1:
             fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {args.eta}")
+    if not 0 <= args.seed < 2 ** 63:
+        fail(f"--seed must be in 0..2^63-1, got {args.seed}")
 
 
 def cmd_sample(args):
@@ -556,11 +577,12 @@ def cmd_sample(args):
     codes = generate(model, cfg, args.n, device, args.sampler, args.steps, args.eta, args.seed)
     t1 = time.time()
     save_grid(decode_all(bright, codes, device), args.out, nrow=math.ceil(math.sqrt(args.n)))
-    how = f"DDPM, {cfg.timesteps} steps" if args.sampler == "ddpm" else f"DDIM, {args.steps} steps, eta {args.eta}"
+    how = (f"DDPM, {cfg.timesteps} steps" if args.sampler == "ddpm"
+           else f"DDIM, {ddim_steps(cfg, args.steps)} steps, eta {args.eta}")
     print(f"sampled {args.n} key codes ({how}) in {t1 - t0:.1f} s, decoded in {time.time() - t1:.1f} s; wrote {args.out}")
     if args.save_codes:
         p = os.path.splitext(args.out)[0] + ".pt"
-        atomic_save({"kind": "ddpm-samples", "codes": codes, "ddpm_ckpt": args.ckpt}, p)
+        atomic_save({"kind": "ddpm-samples", "codes": codes, "ddpm_ckpt": os.path.abspath(args.ckpt)}, p)
         print(f"wrote {p}: key codes {tuple(codes.shape)} in [0, 1]")
 
 
@@ -582,7 +604,10 @@ def cmd_neighbors(args):
     args.out = out_beside(args, "neighbors.png")
     check_image_out(args.out)
     device, model, cfg, ckpt, bright, bckpt = load_for_sampling(args)
-    data = args.data or ckpt.get("data") or bckpt.get("data") or DEFAULT_DATA
+    # the images whose key codes the DDPM learnt (or, for a codes file without the record, the
+    # BRIGHT model's training images)
+    data = (args.data or recorded(ckpt, "data", args.ckpt, "--data")
+            or recorded(bckpt, "data", args.bright_ckpt or ckpt["bright_ckpt"], "--data") or DEFAULT_DATA)
     train_x, val_x = load_dataset(data, bright.cfg.image_size)
     args.k = min(args.k, len(train_x))  # a small training set: all of it, and the grid rows stay aligned
     t0, n = time.time(), max(args.n, args.n_stats)
@@ -654,7 +679,7 @@ def parser():
     nb.set_defaults(fn=cmd_neighbors)
     for p in (s, nb):
         p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"), help="DDPM checkpoint (default: %(default)s)")
-        p.add_argument("--steps", type=int, help="DDIM steps (default 50)")
+        p.add_argument("--steps", type=int, help="DDIM steps (default 50, or T if the model has fewer)")
         p.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -665,4 +690,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

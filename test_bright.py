@@ -12,6 +12,7 @@ import json
 import math
 import re
 import struct
+import shutil
 import signal
 import zlib
 from re import escape as re_escape
@@ -667,6 +668,25 @@ def test_shapes_prepare_records_its_settings(tmp_path):
 
 # ----------------------------------------------------------------------------- training and commands
 
+def test_ctrl_c_outside_training_is_one_line():
+    # e.g. while diffusion.py encodes the training images: exit status 130 and "interrupted"
+    r = subprocess.run([sys.executable, "-c", "import os, signal, bright; "
+                        "bright.cli(lambda: os.kill(os.getpid(), signal.SIGINT) or __import__('time').sleep(5))"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(bright.__file__)))
+    assert (r.returncode, r.stderr) == (130, "interrupted\n")
+
+
+def test_prepare_scripts_check_their_arguments(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script, argv, msg in [("shapes", ["--seed", "-1"], "--seed must be at least 0"),
+                              ("shapes", ["--root", tmp_path / "afile"], "is a file, not a folder"),
+                              ("ffhq", ["--src", tmp_path, "--root", tmp_path / "afile"], "is a file, not a folder")]:
+        r = subprocess.run([sys.executable, os.path.join(here, "data", script, "prepare.py"), *map(str, argv)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1], (script, argv, r.stderr[-500:])
+
+
 def run(*argv):
     bright.main([str(a) for a in argv])
 
@@ -807,6 +827,7 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(ck.read_bytes()[:1000])  # a torch.save file cut short
     # weights of another version of the model (a renamed layer): one line, not a load_state_dict trace
     old = torch.load(ck, weights_only=True)
     for k in ("model", "ema"):
@@ -816,11 +837,23 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     newer["config"]["future_field"] = 1
     torch.save(newer, tmp_path / "newer.pt")
     for bad, msg in [(tmp_path / "missing.pt", "not found"), (tmp_path / "other.pt", "not a bright file"),
-                     (tmp_path / "junk.pt", "not a readable checkpoint"), (tmp_path / "empty.pt", "not a readable checkpoint"),
+                     (tmp_path / "junk.pt", r"not a checkpoint \(not a file torch.save wrote\)"),
+                     (tmp_path / "empty.pt", "not a checkpoint"), (tmp_path / "cut.pt", "not a readable checkpoint"),
+                     (tmp_path, "is a folder: name the checkpoint file in it"),
                      (tmp_path / "old.pt", "does not fit"),
                      (tmp_path / "newer.pt", "Config cannot build .*future_field")]:
         with pytest.raises(SystemExit, match=msg):
             run("eval", "--ckpt", bad, "--data", data16)
+    # output paths: one line before the work, not a traceback after it
+    afile = tmp_path / "afile"
+    afile.write_text("a file where a folder is needed")
+    for argv, msg in [(("train", "--preset", "micro", "--data", data16, "--out", afile), "cannot make that folder"),
+                      (("encode", "--ckpt", ck, "--out", afile / "codes.pt"), "cannot make that folder"),
+                      (("encode", "--ckpt", ck, "--out", f"{tmp_path / 'new'}{os.sep}"), "is a folder: name a file"),
+                      (("reconstruct", "--ckpt", ck, "--out", tmp_path / "r.psd"), "cannot write RGB images as PSD"),
+                      (("compare", out, "--out", afile), "cannot make that folder")]:
+        with pytest.raises(SystemExit, match="^error: .*" + msg):
+            run(*argv)
 
 
 # ----------------------------------------------------------------------------- the VQ baseline and code bits
@@ -1783,10 +1816,10 @@ def test_resume_and_sampling_check_which_codes_and_bright(world, tmp_path, capsy
         diff_run("train", "--codes", codes, "--bright-ckpt", tmp_path / "other.pt", "--out", tmp_path / "x")
     with pytest.raises(SystemExit, match="^error: .* key codes of another BRIGHT model than"):
         diff_run("train", "--bright-ckpt", tmp_path / "other.pt", "--data", data, "--out", run, "--resume",
-                 "--max-iters", 3)
+                 "--max-iters", 6)
     write_shapes(tmp_path / "d2", 12, start=100)  # other images, same BRIGHT model
     with pytest.raises(SystemExit, match="^error: the training key codes .* are not those"):
-        diff_run("train", "--bright-ckpt", b8, "--data", tmp_path / "d2", "--out", run, "--resume", "--max-iters", 3)
+        diff_run("train", "--bright-ckpt", b8, "--data", tmp_path / "d2", "--out", run, "--resume", "--max-iters", 6)
     # sampling through a BRIGHT model with other weights than the one that made the codes: a warning
     diff_run("sample", "--ckpt", run / "ddpm.pt", "--n", 1, "--steps", 2, "--out", tmp_path / "s.png")
     assert "warning" not in capsys.readouterr().out
@@ -1858,10 +1891,54 @@ def test_train_from_a_codes_file(world, tmp_path):
     assert (c["config"]["width"], c["config"]["mults"], c["config"]["lr"]) == (16, (1, 2), 0.002)
 
 
-def test_bad_inputs(world, tmp_path):
+def test_files_name_each_other_by_absolute_paths(world, tmp_path, monkeypatch, capsys):
+    """codes.pt and ddpm.pt record where their BRIGHT model, codes and images are as absolute
+    paths, so that commands work from any folder; what is gone since gets a line naming the flag;
+    neighbors searches the images whose codes the DDPM learnt, not BRIGHT's training set"""
+    root, data, b8, _ = world
+    other = tmp_path / "other"                         # 6 training images BRIGHT never saw
+    write_shapes(other / "train", 6, start=200)
+    write_shapes(other / "val", 2, start=300)
+    monkeypatch.chdir(tmp_path)                        # relative names from here on
+    bright_run("encode", "--ckpt", b8, "--data", "other", "--out", "codes.pt")
+    c = torch.load("codes.pt", weights_only=True)
+    assert (c["bright_ckpt"], c["data"]) == (str(b8), str(other))
+    diff_run("train", "--codes", "codes.pt", "--out", "run", "--max-iters", 1, "--batch-size", 2,
+             "--set", '{"timesteps": 20}')
+    d = torch.load("run/ddpm.pt", weights_only=True)
+    assert (d["codes"], d["data"], d["bright_ckpt"]) == (str(tmp_path / "codes.pt"), str(other), str(b8))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    diff_run("neighbors", "--ckpt", tmp_path / "run" / "ddpm.pt", "--n", 1, "--k", 1, "--n-stats", 2,
+             "--out", "nb.png")
+    assert "nearest of 6 training images" in capsys.readouterr().out
+    # no --steps: 50, or T when the model has fewer steps (20 here)
+    diff_run("sample", "--ckpt", tmp_path / "run" / "ddpm.pt", "--n", 1, "--out", "s.png")
+    assert "DDIM, 20 steps" in capsys.readouterr().out and os.path.isfile("s.png")
+    os.rename(tmp_path / "codes.pt", tmp_path / "moved.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*codes.pt', which .*ddpm.pt records as its codes, is gone: "
+                                         r"pass --codes, or --data and --bright-ckpt"):
+        diff_run("train", "--out", tmp_path / "run", "--resume", "--max-iters", 2)
+    # BRIGHT trained on since: other weights, the same architecture -> the weights warning, not
+    # the config one (max_iters is the one field that changed)
+    shutil.copytree(b8.parent, tmp_path / "b")
+    diff_run("train", "--bright-ckpt", tmp_path / "b" / "bright.pt", "--data", data, "--out", tmp_path / "run2",
+             "--max-iters", 1, "--batch-size", 2, "--set", '{"timesteps": 20}')
+    bright_run("train", "--out", tmp_path / "b", "--resume", "--max-iters", 2)
+    capsys.readouterr()
+    diff_run("sample", "--ckpt", tmp_path / "run2" / "ddpm.pt", "--n", 1, "--out", "s.png")
+    out = capsys.readouterr().out
+    assert "has other weights than the BRIGHT model" in out and "another config" not in out
+
+
+def test_bad_inputs(world, tmp_path, capsys):
     root, data, b8, b4 = world
     ok = tmp_path / "ok"
     diff_run(*train_args(world, ok, 1))
+    afile, folder_png = tmp_path / "afile", tmp_path / "folder.png"
+    afile.write_text("a file where a folder is needed")
+    folder_png.mkdir()
 
     def codes_file(name, codes, kind="bright-codes"):
         torch.save({"kind": kind, "codes": codes, "val_codes": codes, "bright_ckpt": str(b8), "config": {}}, tmp_path / name)
@@ -1873,9 +1950,9 @@ def test_bad_inputs(world, tmp_path):
         (["train", "--codes", codes_file("kind.pt", torch.rand(4, 8, 8, 8), "ddpm"), "--out", tmp_path / "x"], "not a bright-codes file"),
         (["train", "--codes", codes_file("range.pt", torch.rand(4, 8, 8, 8) * 3), "--out", tmp_path / "x"], r"must lie in \[0, 1\]"),
         (["train", "--codes", codes_file("odd.pt", torch.rand(4, 8, 5, 5)), "--out", tmp_path / "x"], "cannot be halved"),
-        (["train", "--codes", codes_file("c4.pt", torch.rand(4, 4, 8, 8)), "--out", ok, "--resume"],
+        (["train", "--codes", codes_file("c4.pt", torch.rand(4, 4, 8, 8)), "--out", ok, "--resume", "--max-iters", 2],
          r"key codes are \(4, 8, 8\) .* expects \(8, 8, 8\)"),
-        (["train", "--bright-ckpt", b4, "--data", data, "--out", ok, "--resume"], r"expects \(8, 8, 8\)"),
+        (["train", "--bright-ckpt", b4, "--data", data, "--out", ok, "--resume", "--max-iters", 2], r"expects \(8, 8, 8\)"),
         (["train", "--codes", tmp_path / "range.pt", "--data", data], "not both"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"widht": 8}'], "unknown config field.*widht"),
         ([*train_args(world, ok, 1), "--resume", "--set", '{"lr": 0.1}'], "keeps its checkpoint's config"),
@@ -1904,11 +1981,26 @@ def test_bad_inputs(world, tmp_path):
         ([*train_args(world, tmp_path / "x", 1), "--log-every", 0], "--log-every must be at least 1"),
         ([*train_args(world, ok, 1), "--resume"], "nothing to train: .* is at step 1"),
         ([*train_args(world, ok, 2), "--resume", "--preset", "bright16"], r"other settings \(asked: width 128, it has 32; .* more\)"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"mults": []}'], r"mults must list at least one resolution"),
+        ([*train_args(world, tmp_path / "x", 1), "--set", '{"mults": [1, 0]}'], r"mults must be a list of positive integers"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--steps", 1001, "--out", tmp_path / "s.png"], r"1..1000 \(the model's T\)"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--seed", 2 ** 64, "--out", tmp_path / "s.png"], r"--seed must be in"),
+        # output paths: checked before the work, not at its end (or at the first checkpoint)
+        ([*train_args(world, afile, 1)], "--out .*afile.*: cannot make that folder"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", afile / "s.png"], "cannot make that folder"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", tmp_path / "s.psd"], "pillow cannot write RGB images as PSD"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", ok], "needs an image file extension"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", folder_png], "is a folder: name a file in it"),
+        (["sample", "--ckpt", ok], "is a folder: name the checkpoint file in it"),
     ]
     for argv, msg in cases:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             diff_run(*argv)
     assert not (tmp_path / "s.png").exists()
+    capsys.readouterr()  # a resumed run refuses a flag before it encodes the images (hours for FFHQ)
+    with pytest.raises(SystemExit, match="other settings"):
+        diff_run(*train_args(world, ok, 2), "--resume", "--lr", 0.5)
+    assert "encoded" not in capsys.readouterr().out
 
 
 def test_command_line_error_is_one_line(tmp_path):

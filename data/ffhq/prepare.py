@@ -158,4 +158,6 @@ if __name__ == "__main__":
     for flag in ("size", "n_val", "limit", "workers"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if os.path.exists(a.root) and not os.path.isdir(a.root):
+        ap.error(f"--root {a.root} is a file, not a folder")
     prepare(a.src, a.root, a.size, a.n_val, a.limit, a.workers)

@@ -165,4 +165,8 @@ if __name__ == "__main__":
         ap.error("--size must be at least 16")
     if not 0 < a.radius[0] <= a.radius[1] <= 0.5:
         ap.error("--radius LO HI needs 0 < LO <= HI <= 0.5")
+    if a.seed < 0:  # numpy seeds are non-negative
+        ap.error("--seed must be at least 0")
+    if os.path.exists(a.root) and not os.path.isdir(a.root):
+        ap.error(f"--root {a.root} is a file, not a folder")
     prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, a.gradients, tuple(a.radius), a.rotate)
