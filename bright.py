@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import io
 import json
 import math
 import os
@@ -552,7 +551,9 @@ def save_grid(images, path, nrow=8):
 
 def pairs_grid(orig, recon, path, nrow=8):
     """rows of originals, each above its reconstructions (all in [-1, 1])"""
-    rows = [t for i in range(0, len(orig), nrow) for t in (orig[i:i + nrow], recon[i:i + nrow])]
+    nrow = min(nrow, len(orig))
+    pad = lambda t: torch.cat([t, t.new_ones(nrow - len(t), *t.shape[1:])])  # a short last row: white
+    rows = [pad(t) for i in range(0, len(orig), nrow) for t in (orig[i:i + nrow], recon[i:i + nrow])]
     save_grid((torch.cat(rows) + 1) / 2, path, nrow)
 
 
@@ -638,22 +639,28 @@ def check_out_folder(folder, what="--out"):
 
 
 def check_out_file(path, what="--out"):
-    """an output file name: not a folder, in a folder that can be made"""
+    """an output file name: not a folder, in a folder that can be made, a name that can be written"""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         fail(f"{what} {path!r} is a folder: name a file in it")
     check_out_folder(os.path.dirname(path), what)
+    existed = os.path.exists(path)
+    try:  # too long a name, no permission, /proc: found now, not when the result is ready
+        open(path, "ab").close()
+    except OSError as e:
+        fail(f"{what} {path!r} cannot be written ({e.strerror})")
+    if not existed:
+        os.remove(path)
+
+
+# image files that keep an RGB grid as it is (.jpg and .webp: lossy); pillow writes others as
+# 1-bit, grey, palette or a fixed icon size without a word
+IMAGE_OUTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def check_image_out(path):
-    """an image file name PIL can write RGB to, checked before the work rather than after it"""
-    Image.init()
-    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
-    if not fmt:
-        fail(f"--out {path!r} needs an image file extension such as .png")
-    try:  # registered is not writable: PIL reads .psd but cannot write it, and .xbm is 1-bit only
-        Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
-    except Exception:
-        fail(f"--out {path!r}: pillow cannot write RGB images as {fmt}; use .png or .jpg")
+    """an image file name, checked before the work rather than after it"""
+    if os.path.splitext(path)[1].lower() not in IMAGE_OUTS:
+        fail(f"--out {path!r} needs an image file extension: {' '.join(IMAGE_OUTS)}")
     check_out_file(path)
 
 
@@ -939,6 +946,16 @@ def step_stats(stats, stop, world):
     return stats[:-1].tolist() + [stats[-1].item() > 0]
 
 
+def check_diverged(step, loss, path, restore, model=None):
+    """a non-finite loss (every step) or weight (model: before each save, on every rank) ends
+    the run with one line: the checkpoint keeps its last good step instead of NaNs"""
+    if math.isfinite(loss) and (model is None or all(p.isfinite().all() for p in model.parameters())):
+        return
+    restore()
+    fail(f"training diverged at step {step} ({'loss' if not math.isfinite(loss) else 'weights'} not finite): "
+         f"{path} keeps its last save; a lower lr may help")
+
+
 def autocast(device, dtype):
     """bf16 autocast for the convolutions and MLPs on CUDA; the key codes and the lookup opt
     out of it (BRIGHT.encode, BRIGHT.features). The CPU trains in float32."""
@@ -1070,6 +1087,8 @@ def train(args, on_step=None):
             d_opt.step()
         step += 1
         loss_v, psnr_v, d_loss_v, stopping = step_stats(stats, stop, world)
+        saving = step % cfg.eval_every == 0 or step == cfg.max_iters or stopping
+        check_diverged(step, loss_v, path, restore, model if saving else None)
         if on_step:
             on_step(step, model, loss_v)
         if step % args.log_every == 0 or step in (1, cfg.max_iters) or stopping:
@@ -1083,7 +1102,7 @@ def train(args, on_step=None):
             if log:
                 log.write(f"{step},{loss_v:.6f},{psnr_v:.3f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last = now, step
-        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_iters or stopping):
+        if rank == 0 and saving:
             save()  # first: a second Ctrl-C during the validation below (long on a CPU) loses nothing
             p, s, _ = evaluate(ema, val_x[:256], device)
             with torch.no_grad():

@@ -24,11 +24,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_fields, check_image_out,
-                    check_out_folder, check_overwrite, check_run_flags, cli, config_from, ddp_wrap, ema_update,
-                    encode_images, fail, fingerprint, load_checkpoint, load_dataset, load_weights, open_log,
-                    out_beside, parse_set, peak_memory, pick_device, preset_config, read_checkpoint, recorded,
-                    require_key_codes, resume_config, save_grid, setup_distributed, step_seed, step_stats, sync_grads)
+from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_diverged, check_fields,
+                    check_image_out, check_out_folder, check_overwrite, check_run_flags, cli, config_from, ddp_wrap,
+                    ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset, load_weights,
+                    open_log, out_beside, parse_set, peak_memory, pick_device, preset_config, read_checkpoint,
+                    recorded, require_key_codes, resume_config, save_grid, setup_distributed, step_seed, step_stats,
+                    sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 LOG_COLUMNS = ("iteration", "loss", "seconds")  # ddpm_log.csv, beside ddpm.pt (and BRIGHT's log.csv)
@@ -486,6 +487,8 @@ def train(args, on_step=None):
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         loss_v, stopping = step_stats(loss, stop, world)
+        saving = step % cfg.save_every == 0 or step == cfg.max_iters or stopping
+        check_diverged(step, loss_v, path, restore, model if saving else None)
         losses.append(loss_v)
         if on_step:
             on_step(step, model, loss_v)
@@ -497,7 +500,7 @@ def train(args, on_step=None):
             if log:
                 log.write(f"{step},{mean:.6f},{now - t0:.1f}\n"); log.flush()
             t_last, s_last, losses = now, step, []
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_iters or stopping):
+        if rank == 0 and saving:
             save()
         if stopping:
             break

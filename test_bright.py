@@ -450,6 +450,25 @@ def test_trainers_follow_their_lr_schedules(micro, data16, world, tmp_path):
     assert lr == pytest.approx(diffusion.learning_rate(cfg, 2)) and lr < 0.1 * cfg.lr     # in the warm-up
 
 
+@pytest.mark.parametrize("n", [2, 10, 16])
+def test_reconstruction_grid_puts_each_image_above_its_reconstruction(tmp_path, n):
+    # 8 a row; fewer than 8 images: one row of n; a short last row is padded with white
+    orig = torch.linspace(-1, 0, n)[:, None, None, None].expand(n, 3, 4, 4)   # distinct greys
+    recon = -orig
+    bright.pairs_grid(orig, recon, tmp_path / "g.png")
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    k = min(n, 8)
+    assert g.shape == (2 * math.ceil(n / k) * 6 + 2, k * 6 + 2, 3)
+    px = lambda row, col: g[2 + row * 6, 2 + col * 6, 0]                      # a pixel of that cell
+    grey = lambda t: int((((t + 1) / 2) * 255).round())                        # float32, as save_grid
+    for i in range(n):
+        r, c = divmod(i, k)
+        assert (px(2 * r, c), px(2 * r + 1, c)) == (grey(orig[i, 0, 0, 0]), grey(recon[i, 0, 0, 0]))
+    for i in range(n, math.ceil(n / k) * k):                                   # the padding: white
+        r, c = divmod(i, k)
+        assert px(2 * r, c) == px(2 * r + 1, c) == 255
+
+
 def test_psnr_and_ssim_known_values():
     a = torch.zeros(2, 3, 16, 16)
     assert bright.psnr(a, a + 0.2).tolist() == pytest.approx([20.0, 20.0])   # [0, 1] error 0.1: 20 dB
@@ -738,6 +757,18 @@ def test_training_on_two_threads_is_bitwise_repeatable(tmp_path, two_threads):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_diverging_run_keeps_its_last_good_checkpoint(micro, data16, tmp_path):
+    # lr 1000: the loss overflows within a few steps; a save every step. The run stops with one
+    # line at the first non-finite loss or weight, and bright.pt keeps the step before, finite
+    # (it used to be replaced by NaN weights, and the validation then raised a traceback)
+    with pytest.raises(SystemExit, match=r"^error: training diverged at step (\d+) .* keeps its last save") as e:
+        run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 50,
+            "--set", '{"eval_every": 1, "lr": 1000}')
+    bad = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    c = torch.load(tmp_path / "bright.pt", weights_only=True)
+    assert c["step"] == bad - 1 and all(v.isfinite().all() for k in ("model", "ema") for v in c[k].values())
+
+
 def test_checkpoint_is_saved_before_the_validation(micro, data16, tmp_path, monkeypatch):
     # a second Ctrl-C during the validation that follows a save (minutes for a CPU run with
     # the interpreted kernels) ends the run as usual: the checkpoint of that step is written
@@ -850,7 +881,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     for argv, msg in [(("train", "--preset", "micro", "--data", data16, "--out", afile), "cannot make that folder"),
                       (("encode", "--ckpt", ck, "--out", afile / "codes.pt"), "cannot make that folder"),
                       (("encode", "--ckpt", ck, "--out", f"{tmp_path / 'new'}{os.sep}"), "is a folder: name a file"),
-                      (("reconstruct", "--ckpt", ck, "--out", tmp_path / "r.psd"), "cannot write RGB images as PSD"),
+                      (("reconstruct", "--ckpt", ck, "--out", tmp_path / "r.psd"), r"needs an image file extension: \.png"),
+                      (("reconstruct", "--ckpt", ck, "--out", tmp_path / ("a" * 300 + ".png")), "File name too long"),
                       (("compare", out, "--out", afile), "cannot make that folder")]:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             run(*argv)
@@ -1768,6 +1800,15 @@ def test_checkpoint_round_trip_and_exact_resume(world, tmp_path):
         diff_run(*train_args(world, a, 4))
 
 
+def test_diffusion_stops_when_it_diverges(world, tmp_path):
+    # as bright.py: a non-finite loss or weight is one line, and ddpm.pt keeps the step before
+    with pytest.raises(SystemExit, match=r"^error: training diverged at step (\d+)") as e:
+        diff_run(*train_args(world, tmp_path, 50, "--lr", 1e30, "--set", '{"save_every": 1, "warmup": 0}'))
+    bad = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    c = torch.load(tmp_path / "ddpm.pt", weights_only=True)
+    assert c["step"] == bad - 1 and all(v.isfinite().all() for k in ("model", "ema") for v in c[k].values())
+
+
 def test_diffusion_keeps_an_ema_of_the_weights(world, tmp_path):
     states = []
     diffusion.train(diffusion.parser().parse_args([str(a) for a in train_args(world, tmp_path, 3)] + ["--device", "cpu"]),
@@ -1988,7 +2029,7 @@ def test_bad_inputs(world, tmp_path, capsys):
         # output paths: checked before the work, not at its end (or at the first checkpoint)
         ([*train_args(world, afile, 1)], "--out .*afile.*: cannot make that folder"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", afile / "s.png"], "cannot make that folder"),
-        (["sample", "--ckpt", ok / "ddpm.pt", "--out", tmp_path / "s.psd"], "pillow cannot write RGB images as PSD"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--out", tmp_path / "s.pgm"], "needs an image file extension"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", ok], "needs an image file extension"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", folder_png], "is a folder: name a file in it"),
         (["sample", "--ckpt", ok], "is a folder: name the checkpoint file in it"),
