@@ -1120,6 +1120,8 @@ def train(args, on_step=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if step < cfg.max_iters:  # exit status 130, as for Ctrl-C: `train && next command` stops here
+        sys.exit(130)
     return model
 
 
@@ -1250,8 +1252,15 @@ def read_log(run, name="log.csv", columns=LOG_COLUMNS):
     path = os.path.join(run, name)
     if not os.path.isfile(path):
         fail(f"{path!r} not found")
-    rows = [l.split(",") for l in open(path).read().split()[1:]]
-    return {k: [float(r[i]) for r in rows] for i, k in enumerate(columns)}
+    rows = []
+    for line in open(path).read().split()[1:]:
+        try:  # a line cut short, edited by hand, or a diverged step (inf, nan): left out of the curves
+            r = [float(v) for v in line.split(",")]
+        except ValueError:
+            continue
+        if len(r) == len(columns) and all(map(math.isfinite, r)):
+            rows.append(r)
+    return {k: [r[i] for r in rows] for i, k in enumerate(columns)}
 
 
 def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):
@@ -1289,8 +1298,12 @@ def cmd_compare(args):
     check_out_folder(args.out)
     device = pick_device(args.device)
     check_backend(args.backend, device)
+    logs = [read_log(run) for run in args.runs]  # every run's files before the work
+    for p in (os.path.join(run, "bright.pt") for run in args.runs):
+        if not os.path.isfile(p):
+            fail(f"{p!r} not found")
     rows, curves, recons = [], {}, []
-    for i, run in enumerate(args.runs):  # one model in memory at a time
+    for i, (run, log) in enumerate(zip(args.runs, logs)):  # one model in memory at a time
         model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
         model.backend = args.backend
         if i == 0:  # every run on the same validation images: --data, or the first run's
@@ -1304,26 +1317,29 @@ def cmd_compare(args):
         u = usage(model, z)
         u = (f"{u['table_usage']['overall']:.1%} of table entries" if "table_usage" in u else
              f"{u['codebook_usage']['used']:.1%} of codebook (perplexity {u['codebook_usage']['perplexity']:.0f})")
-        log = read_log(run)
         n_code = model.tables.numel() if cfg.bottleneck == "hash" else model.quantizer.codebook.numel()
         n_net = sum(p.numel() for p in model.parameters()) - (n_code if cfg.bottleneck == "hash" else 0)
         bits = f"{cfg.z_channels} x 32 (float)" if cfg.bottleneck == "hash" else f"{math.log2(cfg.codebook_size):.0f}"
         rows.append(f"| {run} | {cfg.bottleneck} | {ckpt['step']} | {p.mean():.2f} | {s.mean():.4f} | {u} | "
                     f"{n_net:,} + {n_code:,} | {cfg.z_size}x{cfg.z_size}, {bits} bits each | "
-                    f"{ckpt.get('seconds', log['seconds'][-1]):.0f} |")
+                    f"{ckpt['seconds'] if 'seconds' in ckpt else (log['seconds'] or [math.nan])[-1]:.0f} |")
         k = max(1, len(log["psnr"]) // 40)  # training-batch PSNR, smoothed over ~1/40 of the run
-        sm = np.convolve(log["psnr"], np.ones(k) / k, mode="valid")
-        curves[f"{run} ({cfg.bottleneck})"] = (log["iteration"][k - 1:], sm.tolist())
+        if log["psnr"]:  # (a log without rows: no curve)
+            sm = np.convolve(log["psnr"], np.ones(k) / k, mode="valid")
+            curves[f"{run} ({cfg.bottleneck})" + (f" #{i + 1}" if args.runs.index(run) < i else "")] = (
+                log["iteration"][k - 1:], sm.tolist())
         with torch.no_grad():
             recons.append(model.decode(model.encode(x.to(device))).clamp(-1, 1).cpu())
     print("| run | bottleneck | iterations | PSNR (dB) | SSIM | usage | parameters (network + table/codebook) "
           "| code per image | training time (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    plot_curves(curves, os.path.join(args.out, "curves.png"), "iteration", "training PSNR (dB)")
-    save_grid((torch.cat([x] + recons) + 1) / 2, os.path.join(args.out, "recon.png"), nrow=len(x))
-    print(f"wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'recon.png')} "
-          f"(rows: originals, then {', '.join(args.runs)})")
+    wrote = [os.path.join(args.out, "recon.png")]
+    save_grid((torch.cat([x] + recons) + 1) / 2, wrote[0], nrow=len(x))
+    if curves:  # (no run logged a usable row: no chart)
+        wrote.insert(0, os.path.join(args.out, "curves.png"))
+        plot_curves(curves, wrote[0], "iteration", "training PSNR (dB)")
+    print(f"wrote {' and '.join(wrote)} (recon.png rows: originals, then {', '.join(args.runs)})")
 
 
 def parser():

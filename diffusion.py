@@ -16,6 +16,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -513,6 +514,8 @@ def train(args, on_step=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if not done:  # exit status 130, as for Ctrl-C
+        sys.exit(130)
     return model
 
 

@@ -769,6 +769,28 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint(micro, data16, tmp_path)
     assert c["step"] == bad - 1 and all(v.isfinite().all() for k in ("model", "ema") for v in c[k].values())
 
 
+@pytest.mark.parametrize("script", ["bright", "diffusion"])
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(micro, data16, world, tmp_path, script):
+    # Ctrl-C during step 2 (here: sent from the step callback): the run finishes the step it is
+    # in, logs and saves it, and ends with exit status 130 rather than 0 (a script running
+    # `train && sample` must not go on with a half-trained model)
+    def ctrl_c(step, model, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    if script == "bright":
+        argv = ["train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 10, "--device", "cpu"]
+        mod, name, log = bright, "bright.pt", lambda: bright.read_log(tmp_path)
+    else:
+        argv = [*train_args(world, tmp_path, 10), "--device", "cpu"]
+        mod, name = diffusion, "ddpm.pt"
+        log = lambda: bright.read_log(tmp_path, "ddpm_log.csv", diffusion.LOG_COLUMNS)
+    with pytest.raises(SystemExit) as e:
+        mod.train(mod.parser().parse_args([str(a) for a in argv]), on_step=ctrl_c)
+    assert e.value.code == 130
+    assert torch.load(tmp_path / name, weights_only=True)["step"] == 3 == log()["iteration"][-1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_checkpoint_is_saved_before_the_validation(micro, data16, tmp_path, monkeypatch):
     # a second Ctrl-C during the validation that follows a save (minutes for a CPU run with
     # the interpreted kernels) ends the run as usual: the checkpoint of that step is written
@@ -998,6 +1020,22 @@ def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
     im = np.asarray(Image.open(tmp_path / "cmp" / "curves.png"))
     for color in [(31, 119, 180), (214, 39, 40)]:  # both curves were drawn
         assert (im == color).all(-1).sum() > 20
+    # the same run twice: two curves (the second, red, over the first); imperfect logs: their bad
+    # rows left out, no traceback
+    run("compare", h, h, "--data", data16, "--out", tmp_path / "twice", "--n", 2)
+    twice = np.asarray(Image.open(tmp_path / "twice" / "curves.png"))
+    assert (twice == (214, 39, 40)).all(-1).sum() > 20
+    with open(h / "log.csv", "a") as f:
+        f.write("5,inf,-inf,1.0\n6,nan,nan,2.0\n7,0.1,20\n8,0.1,")
+    assert bright.read_log(h)["iteration"] == [1, 2, 3, 4]
+    (v / "log.csv").write_text("iteration,loss,psnr,seconds\n")   # a header alone: no curve for v
+    capsys.readouterr()
+    run("compare", h, v, "--data", data16, "--out", tmp_path / "bad_logs", "--n", 2)
+    assert "| hash |" in capsys.readouterr().out and (tmp_path / "bad_logs" / "curves.png").exists()
+    (v / "log.csv").unlink()                              # a run without its log: before any work
+    with pytest.raises(SystemExit, match=r"log.csv' not found"):
+        run("compare", h, v, "--data", data16, "--out", tmp_path / "no_log")
+    assert not (tmp_path / "no_log" / "recon.png").exists()
 
 
 def test_eval_quantize_bits_and_lpips(micro, data16, tmp_path, capsys):
