@@ -435,9 +435,10 @@ class PatchDiscriminator(nn.Module):
 
 def list_images(root):
     """every image file under root, sorted; symlinked folders are followed, each real folder
-    once (a link back up the tree would otherwise repeat the images until the path is too long)"""
+    once (a link back up the tree would otherwise repeat the images until the path is too long).
+    A run's folder inside (one holding a checkpoint) is left out: its PNGs are outputs, not data."""
     if not os.path.isdir(root):
-        fail(f"data folder {root!r} does not exist")
+        fail(f"data folder {root!r} " + ("is a file, not a folder" if os.path.exists(root) else "does not exist"))
     paths, seen = [], set()
     for d, dirs, fs in os.walk(root, followlinks=True):
         dirs.sort()  # a fixed walk order: which of two links to one folder is kept never varies
@@ -445,6 +446,10 @@ def list_images(root):
             dirs.clear()
             continue
         seen.add(os.path.realpath(d))
+        if {"bright.pt", "ddpm.pt"} & set(fs):
+            print(f"note: left out {d}, a run's folder (it holds a checkpoint)", file=sys.stderr)
+            dirs.clear()
+            continue
         paths += [os.path.join(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
     paths.sort()
     if not paths:
@@ -481,32 +486,38 @@ def read_image(path, size):
 
 
 def read_images(paths, size, what):
-    good, bad = [], []
+    """-> {path: uint8 (3, size, size)} of the files that read as images; the others are skipped
+    with a warning (a corrupt file among good ones is not fatal)"""
+    good, bad = {}, []
     for p in paths:
         try:
-            good.append(read_image(p, size))
-        except Exception as e:  # a corrupt file among good ones is skipped, not fatal
+            good[p] = read_image(p, size)
+        except Exception as e:
             bad.append(f"{p} ({first_line(e, 80)})")
     if bad:
         print(f"warning: skipped {len(bad)} unusable {what} file(s), e.g. {bad[0]}", file=sys.stderr)
     if not good:
         fail(f"none of the {len(paths)} {what} files could be read as an image")
-    return torch.stack(good)
+    return good
 
 
-def load_dataset(root, size):
-    """-> (train, val) uint8 tensors (N, 3, size, size). Uses root/train and root/val when
-    present; otherwise a deterministic split: ~5% of files (by a hash of the name) are held out."""
+def load_dataset(root, size, train=True):
+    """-> (train, val) uint8 tensors (N, 3, size, size); train is None with train=False (eval
+    reads no more than it scores). Uses root/train and root/val when present; otherwise a
+    deterministic split of the files that read as images: ~5% (by a hash of the name) held out."""
+    stack = lambda images: torch.stack(list(images))
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
-        train, val = list_images(os.path.join(root, "train")), list_images(os.path.join(root, "val"))
-    else:
-        paths = list_images(root)
-        held = [zlib.crc32(os.path.relpath(p, root).encode()) % 20 == 0 for p in paths]
-        if not any(held) or all(held):  # tiny folders: hold out the last image
-            held = [i == len(paths) - 1 for i in range(len(paths))] if len(paths) > 1 else [False]
-        train = [p for p, h in zip(paths, held) if not h]
-        val = [p for p, h in zip(paths, held) if h] or train[-1:]
-    return read_images(train, size, "training"), read_images(val, size, "validation")
+        val = read_images(list_images(os.path.join(root, "val")), size, "validation")
+        tr = read_images(list_images(os.path.join(root, "train")), size, "training") if train else None
+        return (stack(tr.values()) if train else None), stack(val.values())
+    images = read_images(list_images(root), size, "image")  # read first: an unreadable file is never held out
+    paths = list(images)
+    held = [zlib.crc32(os.path.relpath(p, root).encode()) % 20 == 0 for p in paths]
+    if not any(held) or all(held):  # tiny folders: hold out the last image
+        held = [i == len(paths) - 1 for i in range(len(paths))] if len(paths) > 1 else [False]
+    tr = [images[p] for p, h in zip(paths, held) if not h]
+    val = [images[p] for p, h in zip(paths, held) if h] or tr[-1:]
+    return (stack(tr) if train else None), stack(val)
 
 
 def to_float(x):
@@ -1130,13 +1141,15 @@ def out_beside(args, name):
     return args.out or os.path.join(os.path.dirname(args.ckpt) or ".", name)
 
 
-def load_for_command(args):
+def load_for_command(args, train=False):
+    """the checkpoint's model on the device, and its data: the validation images, and with
+    train=True the training images too"""
     device = pick_device(args.device)
     check_backend(args.backend, device)
     model, cfg, ckpt = load_checkpoint(args.ckpt, device)
     model.backend = args.backend
     data = args.data or recorded(ckpt, "data", args.ckpt, "--data") or DEFAULT_DATA
-    train_x, val_x = load_dataset(data, cfg.image_size)
+    train_x, val_x = load_dataset(data, cfg.image_size, train)
     return model, cfg, ckpt, device, data, train_x, val_x
 
 
@@ -1202,7 +1215,7 @@ def cmd_reconstruct(args):
 def cmd_encode(args):
     args.out = out_beside(args, "codes.pt")
     check_overwrite(args.out, "bright-codes")
-    model, cfg, ckpt, device, data, train_x, val_x = load_for_command(args)
+    model, cfg, ckpt, device, data, train_x, val_x = load_for_command(args, train=True)
     require_key_codes(cfg.bottleneck, args.ckpt)
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
     # where they come from, for diffusion.py: the model that decodes them, the images (neighbors)
@@ -1308,7 +1321,7 @@ def cmd_compare(args):
         model.backend = args.backend
         if i == 0:  # every run on the same validation images: --data, or the first run's
             data = args.data or recorded(ckpt, "data", os.path.join(run, "bright.pt"), "--data") or DEFAULT_DATA
-            _, val_x = load_dataset(data, cfg.image_size)
+            _, val_x = load_dataset(data, cfg.image_size, train=False)
             x = to_float(val_x[:args.n])
         elif cfg.image_size != val_x.shape[-1]:
             fail(f"compare needs runs of one image size: {run} is {cfg.image_size}^2, "

@@ -567,6 +567,28 @@ def test_loader_modes_and_split(tmp_path, capsys):
     assert e[:2].mean() < 30 and e[-2:].mean() > 225
 
 
+def test_loader_splits_readable_files_skips_run_folders_and_reads_what_it_needs(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    write_images(flat, 3)
+    (flat / "zz.png").write_text("not an image")      # last by name: the tiny folder's held-out file
+    train, val = bright.load_dataset(str(flat), 16)    # the split is among the readable files
+    assert (len(train), len(val)) == (2, 1) and "skipped 1 unusable image file" in capsys.readouterr().err
+    run_dir = flat / "run"                             # a run's folder inside the data: outputs, not data
+    write_images(run_dir, 2, start=10)
+    (run_dir / "bright.pt").write_bytes(b"")
+    train2, val2 = bright.load_dataset(str(flat), 16)
+    assert torch.equal(train, train2) and torch.equal(val, val2)
+    assert f"left out {run_dir}, a run's folder" in capsys.readouterr().err
+    split = tmp_path / "split"                         # train=False: the training images are not read
+    write_images(split / "val", 2)
+    write_images(split / "train", 2)
+    (split / "train" / "bad.png").write_text("not an image")
+    assert bright.load_dataset(str(split), 16, train=False)[0] is None
+    assert "skipped" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        bright.load_dataset(str(flat / "zz.png"), 16)
+
+
 @pytest.mark.parametrize("setup,msg", [
     (lambda d: None, "does not exist"),
     (lambda d: d.mkdir(), "no images"),
