@@ -438,7 +438,8 @@ def list_images(root):
     once (a link back up the tree would otherwise repeat the images until the path is too long).
     A run's folder inside (one holding a checkpoint) is left out: its PNGs are outputs, not data."""
     if not os.path.isdir(root):
-        fail(f"data folder {root!r} " + ("is a file, not a folder" if os.path.exists(root) else "does not exist"))
+        fail(f"data folder {root!r} " + ("is a file, not a folder" if os.path.exists(root) else "does not exist")
+             + (" (python bright.py train makes it)" if root == DEFAULT_DATA else ""))
     paths, seen = [], set()
     for d, dirs, fs in os.walk(root, followlinks=True):
         dirs.sort()  # a fixed walk order: which of two links to one folder is kept never varies
@@ -446,7 +447,7 @@ def list_images(root):
             dirs.clear()
             continue
         seen.add(os.path.realpath(d))
-        if {"bright.pt", "ddpm.pt"} & set(fs):
+        if d != root and {"bright.pt", "ddpm.pt"} & set(fs):
             print(f"note: left out {d}, a run's folder (it holds a checkpoint)", file=sys.stderr)
             dirs.clear()
             continue
@@ -654,13 +655,11 @@ def check_out_file(path, what="--out"):
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         fail(f"{what} {path!r} is a folder: name a file in it")
     check_out_folder(os.path.dirname(path), what)
-    existed = os.path.exists(path)
     try:  # too long a name, no permission, /proc: found now, not when the result is ready
-        open(path, "ab").close()
+        open(tmp_name(path), "wb").close()  # the longer of the two names written (atomic_save)
+        os.remove(tmp_name(path))
     except OSError as e:
         fail(f"{what} {path!r} cannot be written ({e.strerror})")
-    if not existed:
-        os.remove(path)
 
 
 # image files that keep an RGB grid as it is (.jpg and .webp: lossy); pillow writes others as
@@ -701,11 +700,15 @@ def require_key_codes(bottleneck, path):
         fail(f"{path} is a VQ model: its encoder vectors are not key codes in [0, 1] for diffusion.py")
 
 
+def tmp_name(path):
+    return f"{path}.tmp{os.getpid()}"
+
+
 def atomic_save(obj, path):
     """temp file + rename: an interrupt never leaves a half-written checkpoint (and fsync
     before the rename, so that neither does a power cut: the new name points to written data)"""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -739,25 +742,31 @@ def read_checkpoint(path, kind, hint="train one first"):
         fail(f"{path!r} is a folder: name the checkpoint file in it")
     if not os.path.isfile(path):
         fail(f"{path!r} not found ({hint})")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            fail(f"{path!r} is not a checkpoint (not a file torch.save wrote)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if zipped else None
     except Exception as e:
         fail(f"{path!r} is not a readable checkpoint ({first_line(e)})")
+    if not zipped:
+        fail(f"{path!r} is not a checkpoint (not a file torch.save wrote)")
     got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
     if got != kind:
         fail(f"{path!r} is not a {kind} file (kind: {got})")
     return ckpt
 
 
+def data_record(data):
+    """how a file records its image folder: absolute (a command may run from another folder),
+    except the built-in data, recorded as DEFAULT_DATA: that of the repository it runs in"""
+    return DEFAULT_DATA if os.path.abspath(data) == os.path.abspath(DEFAULT_DATA) else os.path.abspath(data)
+
+
 def recorded(ckpt, key, path, flag):
-    """a path that checkpoint `path` records (absolute: a command may run from another folder),
-    or None. Gone since (moved, another machine): one line that names the flag to pass instead.
-    The built-in data is not checked: train makes it again."""
+    """a path that checkpoint `path` records, or None. Gone since (moved, another machine): one
+    line that names the flag to pass instead. The built-in data is not checked: train makes it."""
     p = (ckpt or {}).get(key)
-    if p and not os.path.exists(p) and os.path.abspath(p) != os.path.abspath(DEFAULT_DATA):
+    if p and p != DEFAULT_DATA and not os.path.exists(p):
         fail(f"{p!r}, which {path} records as its {key}, is gone: pass {flag}")
     return p
 
@@ -957,14 +966,15 @@ def step_stats(stats, stop, world):
     return stats[:-1].tolist() + [stats[-1].item() > 0]
 
 
-def check_diverged(step, loss, path, restore, model=None):
-    """a non-finite loss (every step) or weight (model: before each save, on every rank) ends
-    the run with one line: the checkpoint keeps its last good step instead of NaNs"""
-    if math.isfinite(loss) and (model is None or all(p.isfinite().all() for p in model.parameters())):
-        return
-    restore()
-    fail(f"training diverged at step {step} ({'loss' if not math.isfinite(loss) else 'weights'} not finite): "
-         f"{path} keeps its last save; a lower lr may help")
+def check_diverged(step, loss, path, restore, modules=()):
+    """a non-finite loss (every step) or weight (of `modules`: before each save, on every rank)
+    ends the run with one line: the checkpoint keeps its last good step instead of NaNs"""
+    what = ("loss" if not math.isfinite(loss) else
+            "weights" if any(not p.isfinite().all() for m in modules for p in m.parameters()) else None)
+    if what:
+        restore()
+        fail(f"training diverged at step {step} ({what} not finite): {path} keeps its last save; "
+             f"a lower lr may help")
 
 
 def autocast(device, dtype):
@@ -1047,7 +1057,7 @@ def train(args, on_step=None):
     def save():
         atomic_save({"kind": "bright", "config": asdict(cfg), "step": step, "seconds": time.time() - t0,
                      "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                     "data": os.path.abspath(data),
+                     "data": data_record(data),
                      **({"disc": disc.state_dict(), "disc_optimizer": d_opt.state_dict()} if disc else {})}, path)
 
     stop, restore = catch_stop()
@@ -1099,7 +1109,8 @@ def train(args, on_step=None):
         step += 1
         loss_v, psnr_v, d_loss_v, stopping = step_stats(stats, stop, world)
         saving = step % cfg.eval_every == 0 or step == cfg.max_iters or stopping
-        check_diverged(step, loss_v, path, restore, model if saving else None)
+        # (the discriminator's loss and weights too: a save would keep them)
+        check_diverged(step, loss_v + d_loss_v, path, restore, [m for m in (model, disc) if m is not None and saving])
         if on_step:
             on_step(step, model, loss_v)
         if step % args.log_every == 0 or step in (1, cfg.max_iters) or stopping:
@@ -1220,7 +1231,7 @@ def cmd_encode(args):
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
     # where they come from, for diffusion.py: the model that decodes them, the images (neighbors)
     atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1],
-                 "bright_ckpt": os.path.abspath(args.ckpt), "data": os.path.abspath(data),
+                 "bright_ckpt": os.path.abspath(args.ckpt), "data": data_record(data),
                  "bright_fingerprint": fingerprint(ckpt["ema"]), "config": asdict(cfg)}, args.out)
     print(f"wrote {args.out}: key codes {tuple(codes[0].shape)} train, {tuple(codes[1].shape)} val")
 

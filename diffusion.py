@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_diverged, check_fields,
-                    check_image_out, check_out_folder, check_overwrite, check_run_flags, cli, config_from, ddp_wrap,
-                    ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset, load_weights,
-                    open_log, out_beside, parse_set, peak_memory, pick_device, preset_config, read_checkpoint,
-                    recorded, require_key_codes, resume_config, save_grid, setup_distributed, step_seed, step_stats,
-                    sync_grads)
+                    check_image_out, check_out_folder, check_overwrite, check_run_flags, cli, config_from, data_record,
+                    ddp_wrap, ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset,
+                    load_weights, open_log, out_beside, parse_set, peak_memory, pick_device, preset_config,
+                    read_checkpoint, recorded, require_key_codes, resume_config, save_grid, setup_distributed,
+                    step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 LOG_COLUMNS = ("iteration", "loss", "seconds")  # ddpm_log.csv, beside ddpm.pt (and BRIGHT's log.csv)
@@ -450,7 +450,7 @@ def train(args, on_step=None):
         atomic_save({"kind": "ddpm", "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "seconds": time.time() - t0, "config": asdict(cfg),
                      "bright_ckpt": bright_path and os.path.abspath(bright_path), "bright_config": bright_cfg,
-                     "bright_fingerprint": bright_fp, "data": data and os.path.abspath(data),
+                     "bright_fingerprint": bright_fp, "data": data and data_record(data),
                      "codes": codes_path and os.path.abspath(codes_path), "codes_count": N,
                      "codes_probe": codes[:8].clone()}, path)
 
@@ -489,7 +489,7 @@ def train(args, on_step=None):
         step += 1
         loss_v, stopping = step_stats(loss, stop, world)
         saving = step % cfg.save_every == 0 or step == cfg.max_iters or stopping
-        check_diverged(step, loss_v, path, restore, model if saving else None)
+        check_diverged(step, loss_v, path, restore, [model] if saving else [])
         losses.append(loss_v)
         if on_step:
             on_step(step, model, loss_v)

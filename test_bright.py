@@ -573,6 +573,8 @@ def test_loader_splits_readable_files_skips_run_folders_and_reads_what_it_needs(
     (flat / "zz.png").write_text("not an image")      # last by name: the tiny folder's held-out file
     train, val = bright.load_dataset(str(flat), 16)    # the split is among the readable files
     assert (len(train), len(val)) == (2, 1) and "skipped 1 unusable image file" in capsys.readouterr().err
+    (flat / "bright.pt").write_bytes(b"")              # a run with --out = --data: its data stays
+    assert len(bright.load_dataset(str(flat), 16)[0]) == 2
     run_dir = flat / "run"                             # a run's folder inside the data: outputs, not data
     write_images(run_dir, 2, start=10)
     (run_dir / "bright.pt").write_bytes(b"")
@@ -813,6 +815,28 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(micro, data16, world, tmp_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+def test_divergence_check_and_recorded_paths(tmp_path, monkeypatch):
+    lin = torch.nn.Linear(2, 2)
+    bright.check_diverged(1, 0.5, "p.pt", lambda: None, [lin])              # finite: nothing happens
+    for loss, msg in [(math.nan, "loss not finite"), (math.inf, "loss not finite"), (0.5, "weights not finite")]:
+        if loss == 0.5:
+            with torch.no_grad():
+                lin.weight[0, 0] = math.nan
+        restored = []
+        with pytest.raises(SystemExit, match=f"^error: training diverged at step 7 \\({msg}\\): p.pt keeps"):
+            bright.check_diverged(7, loss, "p.pt", lambda: restored.append(1), [lin])
+        assert restored == [1]                                               # the signal handlers are put back
+    # the built-in data is recorded as itself (that of the repository a command runs in), other
+    # folders absolutely; a recorded folder that is gone names the flag, the built-in one does not
+    monkeypatch.chdir(tmp_path)
+    assert bright.data_record(bright.DEFAULT_DATA) == bright.data_record(os.path.abspath(bright.DEFAULT_DATA)) \
+        == bright.DEFAULT_DATA
+    assert bright.data_record("mine") == str(tmp_path / "mine")
+    assert bright.recorded({"data": bright.DEFAULT_DATA}, "data", "x.pt", "--data") == bright.DEFAULT_DATA
+    with pytest.raises(SystemExit, match="'/gone', which x.pt records as its data, is gone: pass --data"):
+        bright.recorded({"data": "/gone"}, "data", "x.pt", "--data")
+
+
 def test_checkpoint_is_saved_before_the_validation(micro, data16, tmp_path, monkeypatch):
     # a second Ctrl-C during the validation that follows a save (minutes for a CPU run with
     # the interpreted kernels) ends the run as usual: the checkpoint of that step is written
@@ -927,6 +951,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
                       (("encode", "--ckpt", ck, "--out", f"{tmp_path / 'new'}{os.sep}"), "is a folder: name a file"),
                       (("reconstruct", "--ckpt", ck, "--out", tmp_path / "r.psd"), r"needs an image file extension: \.png"),
                       (("reconstruct", "--ckpt", ck, "--out", tmp_path / ("a" * 300 + ".png")), "File name too long"),
+                      # 250 characters: a name the file system takes, but not the temp file's (+ .tmp<pid>)
+                      (("encode", "--ckpt", ck, "--out", tmp_path / ("a" * 247 + ".pt")), "File name too long"),
                       (("compare", out, "--out", afile), "cannot make that folder")]:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             run(*argv)
