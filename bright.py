@@ -31,7 +31,8 @@ from PIL import Image, ImageOps
 
 from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners, triton_problem
 
-DEFAULT_DATA = "data/shapes"
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")  # from any folder
+BUILTIN_DATA = "data/shapes"  # how files record DEFAULT_DATA: the built-in set of the copy that reads them
 DEFAULT_OUT = "out"
 LOG_COLUMNS = ("iteration", "loss", "psnr", "seconds")  # log.csv
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -529,7 +530,7 @@ def to_float(x):
 def shapes_module(root=DEFAULT_DATA):
     """data/shapes/prepare.py as a module (a script in a data folder, not a package)"""
     if not os.path.isfile(os.path.join(root, "prepare.py")):
-        fail(f"{os.path.join(root, 'prepare.py')} not found: run from the repository root, or pass --data")
+        fail(f"{os.path.join(root, 'prepare.py')} not found (it makes the built-in data): pass --data")
     spec = importlib.util.spec_from_file_location("shapes_prepare", os.path.join(root, "prepare.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -758,15 +759,17 @@ def read_checkpoint(path, kind, hint="train one first"):
 
 def data_record(data):
     """how a file records its image folder: absolute (a command may run from another folder),
-    except the built-in data, recorded as DEFAULT_DATA: that of the repository it runs in"""
-    return DEFAULT_DATA if os.path.abspath(data) == os.path.abspath(DEFAULT_DATA) else os.path.abspath(data)
+    except the built-in data, recorded as BUILTIN_DATA (a moved or other copy has its own)"""
+    return BUILTIN_DATA if os.path.realpath(data) == os.path.realpath(DEFAULT_DATA) else os.path.abspath(data)
 
 
 def recorded(ckpt, key, path, flag):
     """a path that checkpoint `path` records, or None. Gone since (moved, another machine): one
-    line that names the flag to pass instead. The built-in data is not checked: train makes it."""
+    line that names the flag to pass instead. The built-in data: DEFAULT_DATA, which train makes."""
     p = (ckpt or {}).get(key)
-    if p and p != DEFAULT_DATA and not os.path.exists(p):
+    if p == BUILTIN_DATA:
+        return DEFAULT_DATA
+    if p and not os.path.exists(p):
         fail(f"{p!r}, which {path} records as its {key}, is gone: pass {flag}")
     return p
 
@@ -1370,7 +1373,8 @@ def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=None, help=f"image folder (default: the checkpoint's own, else {DEFAULT_DATA})")
+    common.add_argument("--data", default=None, help=f"image folder (default: the checkpoint's own, else "
+                        f"{BUILTIN_DATA} beside bright.py)")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--backend", default="auto", choices=["auto", "torch", "reference", "triton"],
                         help="hash-grid lookup: triton on CUDA, torch on CPU by default")

@@ -335,7 +335,7 @@ def test_config_errors_are_one_line(fields, msg):
 
 
 def test_missing_shapes_script_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="prepare.py not found: run from the repository root"):
+    with pytest.raises(SystemExit, match=r"prepare.py not found \(it makes the built-in data\): pass --data"):
         bright.shapes_module(str(tmp_path))
 
 
@@ -826,13 +826,12 @@ def test_divergence_check_and_recorded_paths(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=f"^error: training diverged at step 7 \\({msg}\\): p.pt keeps"):
             bright.check_diverged(7, loss, "p.pt", lambda: restored.append(1), [lin])
         assert restored == [1]                                               # the signal handlers are put back
-    # the built-in data is recorded as itself (that of the repository a command runs in), other
-    # folders absolutely; a recorded folder that is gone names the flag, the built-in one does not
+    # the built-in data (beside bright.py) is recorded as "data/shapes" and read back as that of
+    # the copy that reads it; other folders absolutely; one that is gone names the flag
     monkeypatch.chdir(tmp_path)
-    assert bright.data_record(bright.DEFAULT_DATA) == bright.data_record(os.path.abspath(bright.DEFAULT_DATA)) \
-        == bright.DEFAULT_DATA
+    assert bright.data_record(bright.DEFAULT_DATA) == "data/shapes" and os.path.isabs(bright.DEFAULT_DATA)
     assert bright.data_record("mine") == str(tmp_path / "mine")
-    assert bright.recorded({"data": bright.DEFAULT_DATA}, "data", "x.pt", "--data") == bright.DEFAULT_DATA
+    assert bright.recorded({"data": "data/shapes"}, "data", "x.pt", "--data") == bright.DEFAULT_DATA
     with pytest.raises(SystemExit, match="'/gone', which x.pt records as its data, is gone: pass --data"):
         bright.recorded({"data": "/gone"}, "data", "x.pt", "--data")
 
