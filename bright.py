@@ -976,8 +976,8 @@ def check_diverged(step, loss, path, restore, modules=()):
             "weights" if any(not p.isfinite().all() for m in modules for p in m.parameters()) else None)
     if what:
         restore()
-        fail(f"training diverged at step {step} ({what} not finite): {path} keeps its last save; "
-             f"a lower lr may help")
+        kept = f"{path} keeps its last save" if os.path.exists(path) else "nothing was saved"
+        fail(f"training diverged at step {step} ({what} not finite): {kept}; a lower lr may help")
 
 
 def autocast(device, dtype):
@@ -1280,7 +1280,7 @@ def read_log(run, name="log.csv", columns=LOG_COLUMNS):
     if not os.path.isfile(path):
         fail(f"{path!r} not found")
     rows = []
-    for line in open(path).read().split()[1:]:
+    for line in open(path, errors="replace").read().split()[1:]:
         try:  # a line cut short, edited by hand, or a diverged step (inf, nan): left out of the curves
             r = [float(v) for v in line.split(",")]
         except ValueError:

@@ -723,8 +723,9 @@ def test_prepare_scripts_check_their_arguments(tmp_path):
     (tmp_path / "afile").write_text("x")
     here = os.path.dirname(os.path.abspath(__file__))
     for script, argv, msg in [("shapes", ["--seed", "-1"], "--seed must be at least 0"),
-                              ("shapes", ["--root", tmp_path / "afile"], "is a file, not a folder"),
-                              ("ffhq", ["--src", tmp_path, "--root", tmp_path / "afile"], "is a file, not a folder")]:
+                              ("shapes", ["--root", tmp_path / "afile"], "cannot make that folder (File exists)"),
+                              ("shapes", ["--root", tmp_path / "afile" / "sub"], "cannot make that folder"),
+                              ("ffhq", ["--src", tmp_path, "--root", tmp_path / "afile"], "cannot make that folder")]:
         r = subprocess.run([sys.executable, os.path.join(here, "data", script, "prepare.py"), *map(str, argv)],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1], (script, argv, r.stderr[-500:])
@@ -785,6 +786,9 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint(micro, data16, tmp_path)
     # lr 1000: the loss overflows within a few steps; a save every step. The run stops with one
     # line at the first non-finite loss or weight, and bright.pt keeps the step before, finite
     # (it used to be replaced by NaN weights, and the validation then raised a traceback)
+    with pytest.raises(SystemExit, match=r"^error: training diverged at step \d+ .*: nothing was saved"):
+        run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / "none", "--max-iters", 50,
+            "--set", '{"eval_every": 50, "lr": 1000}')
     with pytest.raises(SystemExit, match=r"^error: training diverged at step (\d+) .* keeps its last save") as e:
         run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 50,
             "--set", '{"eval_every": 1, "lr": 1000}')
@@ -816,15 +820,16 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(micro, data16, world, tmp_
 
 
 def test_divergence_check_and_recorded_paths(tmp_path, monkeypatch):
-    lin = torch.nn.Linear(2, 2)
-    bright.check_diverged(1, 0.5, "p.pt", lambda: None, [lin])              # finite: nothing happens
+    lin, p = torch.nn.Linear(2, 2), tmp_path / "p.pt"
+    p.write_bytes(b"")                                                       # the last save
+    bright.check_diverged(1, 0.5, str(p), lambda: None, [lin])              # finite: nothing happens
     for loss, msg in [(math.nan, "loss not finite"), (math.inf, "loss not finite"), (0.5, "weights not finite")]:
         if loss == 0.5:
             with torch.no_grad():
                 lin.weight[0, 0] = math.nan
         restored = []
-        with pytest.raises(SystemExit, match=f"^error: training diverged at step 7 \\({msg}\\): p.pt keeps"):
-            bright.check_diverged(7, loss, "p.pt", lambda: restored.append(1), [lin])
+        with pytest.raises(SystemExit, match=f"^error: training diverged at step 7 \\({msg}\\): .*p.pt keeps"):
+            bright.check_diverged(7, loss, str(p), lambda: restored.append(1), [lin])
         assert restored == [1]                                               # the signal handlers are put back
     # the built-in data (beside bright.py) is recorded as "data/shapes" and read back as that of
     # the copy that reads it; other folders absolutely; one that is gone names the flag

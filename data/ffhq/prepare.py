@@ -158,6 +158,8 @@ if __name__ == "__main__":
     for flag in ("size", "n_val", "limit", "workers"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if os.path.exists(a.root) and not os.path.isdir(a.root):
-        ap.error(f"--root {a.root} is a file, not a folder")
+    try:  # a file in the way: one line now
+        os.makedirs(a.root, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--root {a.root}: cannot make that folder ({e.strerror})")
     prepare(a.src, a.root, a.size, a.n_val, a.limit, a.workers)

@@ -167,6 +167,8 @@ if __name__ == "__main__":
         ap.error("--radius LO HI needs 0 < LO <= HI <= 0.5")
     if a.seed < 0:  # numpy seeds are non-negative
         ap.error("--seed must be at least 0")
-    if os.path.exists(a.root) and not os.path.isdir(a.root):
-        ap.error(f"--root {a.root} is a file, not a folder")
+    try:  # a file in the way: one line now
+        os.makedirs(a.root, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--root {a.root}: cannot make that folder ({e.strerror})")
     prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, a.gradients, tuple(a.radius), a.rotate)
