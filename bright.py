@@ -1307,7 +1307,9 @@ def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):
         yv, xv = y0 + (y1 - y0) * i / 5, x0 + (x1 - x0) * i / 5
         d.line([l, Y(yv), W - r, Y(yv)], fill=(225, 225, 225))
         d.text((l - 8, Y(yv)), f"{yv:.1f}", fill="black", anchor="rm")
-        d.text((X(xv), H - b + 8), f"{xv:.0f}", fill="black", anchor="mt")
+        xl = f"{xv:.0f}"  # iterations are whole: each label where its number is, once (a short run)
+        if i == 0 or xl != f"{x0 + (x1 - x0) * (i - 1) / 5:.0f}":
+            d.text((X(float(xl)), H - b + 8), xl, fill="black", anchor="mt")
     d.text(((l + W - r) / 2, H - 18), xlabel, fill="black", anchor="mm")
     d.text((8, t), ylabel, fill="black", anchor="lt")
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]

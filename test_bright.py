@@ -469,6 +469,21 @@ def test_reconstruction_grid_puts_each_image_above_its_reconstruction(tmp_path, 
         assert px(2 * r, c) == px(2 * r + 1, c) == 255
 
 
+def test_curve_axis_labels_stand_at_their_numbers(tmp_path, monkeypatch):
+    # a 4-iteration run: the x labels 1, 2, 3, 4 once each, each at the x of its number (the
+    # chart's 6 ticks used to read 1 2 2 3 3 4, drawn at 1.6, 2.2, ...)
+    from PIL import ImageDraw
+    texts = []
+    orig = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: (
+        texts.append((xy, t, k.get("anchor"))), orig(self, xy, t, *a, **k))[1])
+    bright.plot_curves({"a": ([1, 2, 3, 4], [10, 11, 12, 13])}, str(tmp_path / "c.png"), "iteration", "psnr")
+    xs = [(xy[0], t) for xy, t, anchor in texts if anchor == "mt"]
+    assert [t for _, t in xs] == ["1", "2", "3", "4"]
+    left, right = xs[0][0], xs[-1][0]
+    assert all(x == pytest.approx(left + (int(t) - 1) / 3 * (right - left)) for x, t in xs)
+
+
 def test_psnr_and_ssim_known_values():
     a = torch.zeros(2, 3, 16, 16)
     assert bright.psnr(a, a + 0.2).tolist() == pytest.approx([20.0, 20.0])   # [0, 1] error 0.1: 20 dB
