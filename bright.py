@@ -763,13 +763,16 @@ def data_record(data):
     return BUILTIN_DATA if os.path.realpath(data) == os.path.realpath(DEFAULT_DATA) else os.path.abspath(data)
 
 
+def from_record(p):
+    """the inverse of data_record: BUILTIN_DATA is this copy's DEFAULT_DATA"""
+    return DEFAULT_DATA if p == BUILTIN_DATA else p
+
+
 def recorded(ckpt, key, path, flag):
     """a path that checkpoint `path` records, or None. Gone since (moved, another machine): one
     line that names the flag to pass instead. The built-in data: DEFAULT_DATA, which train makes."""
-    p = (ckpt or {}).get(key)
-    if p == BUILTIN_DATA:
-        return DEFAULT_DATA
-    if p and not os.path.exists(p):
+    p = from_record((ckpt or {}).get(key))
+    if p and p != DEFAULT_DATA and not os.path.exists(p):
         fail(f"{p!r}, which {path} records as its {key}, is gone: pass {flag}")
     return p
 
@@ -1018,9 +1021,10 @@ def train(args, on_step=None):
     amp = autocast(device, args.dtype)
     check_backend(args.backend, device)
     data = args.data or recorded(ckpt, "data", path, "--data") or DEFAULT_DATA  # a resumed run: its own data
-    if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(ckpt.get("data") or args.data):
+    was = from_record((ckpt or {}).get("data")) or args.data
+    if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(was):
         say(f"note: {path} was trained on {ckpt['data']} so far; it goes on with {args.data}")
-    if os.path.abspath(data) == os.path.abspath(DEFAULT_DATA) and rank == 0:
+    if data_record(data) == BUILTIN_DATA and rank == 0:
         prepare_shapes(DEFAULT_DATA)
     if world > 1:
         dist.barrier()
@@ -1066,8 +1070,7 @@ def train(args, on_step=None):
     stop, restore = catch_stop()
     log = None
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        log = open_log(os.path.join(out, "log.csv"), step)
+        log = open_log(os.path.join(out, "log.csv"), step)  # (open_log makes the folder)
     t_last, s_last = time.time(), step
     t0 = t_last - (ckpt or {}).get("seconds", 0)  # training time so far, across resumes (log.csv)
     model.train()
