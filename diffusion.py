@@ -41,7 +41,8 @@ LOG_COLUMNS = ("iteration", "loss", "seconds")  # ddpm_log.csv, beside ddpm.pt (
 def cosine_alpha_bar(T, s=0.008):
     """-> alpha_bar (T+1,) float64 with alpha_bar[0] = 1, so that index t is the paper's t = 1..T.
     Nichol & Dhariwal eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2);
-    beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped to 0.999 (else beta_T = 1), alpha_bar rebuilt."""
+    and, as the text after it says, beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped to 0.999
+    (else beta_T = 1), alpha_bar rebuilt."""
     t = torch.arange(T + 1, dtype=torch.float64)
     f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
     beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -87,7 +88,10 @@ class Diffusion:
         """Ancestral sampling over all T steps (DDPM Algorithm 2) through the posterior
         q(x_{t-1} | x_t, x0_hat) of eq. 6-7, so that x0_hat can be clipped:
         mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
-        variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; no noise on the last step."""
+        variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; no noise on the last step.
+        The mean takes the clipped x0_hat, as DDPM's own code does, so it is not ddim_sample at
+        eta = 1 and steps = T (which keeps the model's eps) once the clipping acts; unclipped, the
+        two are the same sampler."""
         x = torch.randn(shape, device=device, generator=generator)         # x_T ~ N(0, I)
         for t in range(self.T, 0, -1):
             a, a_prev = self.abar64[t].item(), self.abar64[t - 1].item()
@@ -116,7 +120,7 @@ class Diffusion:
         """DDIM eq. 12 from t to the next timestep s of the sub-sequence (s = 0 last):
         x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z, and eq. 16:
         sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
-        eta = 0: deterministic given x_T; eta = 1: DDPM's ancestral noise."""
+        eta = 0: deterministic given x_T; eta = 1: as much noise as DDPM's ancestral step."""
         x = torch.randn(shape, device=device, generator=generator)
         ts = self.ddim_timesteps(steps)
         for t, s in zip(ts, ts[1:] + [0]):
@@ -520,7 +524,6 @@ def train(args, on_step=None):
 
 
 
-@torch.no_grad()
 def ddim_steps(cfg, steps=None):
     """DDIM's number of steps: 50 unless asked, and never more than the model's T"""
     return min(50, cfg.timesteps) if steps is None else steps
@@ -565,7 +568,7 @@ def check_sampler_flags(args):
     else:  # --steps: checked against the model's T once it is loaded (load_for_sampling)
         args.eta = 0.0 if getattr(args, "eta", None) is None else args.eta
         if not 0 <= args.eta <= 1:
-            fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {args.eta}")
+            fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: as much noise as DDPM), got {args.eta}")
     if not 0 <= args.seed < 2 ** 63:
         fail(f"--seed must be in 0..2^63-1, got {args.seed}")
 
@@ -671,7 +674,7 @@ def parser():
     s.add_argument("--n", type=int, default=64, help="samples (default: %(default)s)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"],
                    help="ddim (default; --steps, --eta) or ddpm (ancestral, all T steps)")
-    s.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as DDPM")
+    s.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 as much as DDPM's")
     s.add_argument("--out", help="PNG to write (default: samples.png beside --ckpt)")
     s.add_argument("--save-codes", action="store_true", help="also write the sampled key codes (.pt beside the PNG)")
     s.set_defaults(fn=cmd_sample)
