@@ -1712,6 +1712,18 @@ def test_q_sample_matches_closed_form():
         assert torch.allclose(xt.std(0), torch.full_like(x0[0], math.sqrt(1 - a)), atol=0.018)
 
 
+def test_timestep_embedding_is_the_transformer_encoding():
+    # Vaswani et al. 2017, section 3.5: sin(t / 10000^(2i/d)) then cos of the same arguments,
+    # and distinct steps distinct vectors
+    t = torch.tensor([1, 2, 500, 1000])
+    e = diffusion.timestep_embedding(t, 8)
+    for i in range(4):
+        arg = t.double() / 10000 ** (2 * i / 8)
+        assert torch.allclose(e[:, i].double(), arg.sin(), atol=1e-5)       # float32 args up to 1000
+        assert torch.allclose(e[:, 4 + i].double(), arg.cos(), atol=1e-5)
+    assert torch.cdist(e, e).add(torch.eye(4)).min() > 0.1
+
+
 def test_min_snr_weighting():
     """With a model that predicts 0, each sample's error is mean(eps^2); the loss must weight it
     by min(SNR_t, 5) / SNR_t: 1 where SNR <= 5 (noisy t), 5 / SNR_t where the step is nearly clean."""
