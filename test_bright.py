@@ -605,6 +605,60 @@ def test_table_usage_hand_case(micro):
     assert overall_rand > 2 * overall
 
 
+def test_each_group_has_its_own_head(micro):
+    """the per-group MLP is grouped: group g's L*F lookup features reach only its C_d / G
+    output channels. (Fails with: the first 1x1 conv without groups=G, which mixes the groups.)"""
+    torch.manual_seed(0)
+    m = BRIGHT(micro)
+    G, LF, C = micro.groups, micro.levels * micro.features, micro.c_d // micro.groups
+    f = torch.randn(2, G * LF, 8, 8)
+    f2 = f.clone()
+    f2[:, LF:2 * LF] += 1                                                    # group 1's features
+    with torch.no_grad():
+        d = (m.head(f2) - m.head(f)).abs().amax((0, 2, 3)).view(G, C)
+    assert (d[1] > 0).all() and (d[[0, 2, 3]] == 0).all()
+
+
+def test_features_of_a_pixel_come_from_the_code_tile_over_it(micro):
+    """f at pixel (r, c) of the feature map depends only on the key code that covers it:
+    changing the code at (i, j) = (0, 3) (feature pixels rows 0-1, cols 6-7 here) changes f
+    there and nowhere else. (Fails with: the lookup's output reshaped to (B, C, W, H), i.e. the
+    feature map transposed: code (0, 3) would drive rows 6-7, cols 0-1.)"""
+    torch.manual_seed(0)
+    m = BRIGHT(micro).eval()
+    with torch.no_grad():
+        m.tables.normal_()                       # the output depends on the codes
+        z = torch.rand(1, 4, 4, 4)
+        z2 = z.clone()
+        z2[0, 1, 0, 3] = 1 - z[0, 1, 0, 3]
+        diff = (m.features(z2) - m.features(z)).abs().amax(1)[0]           # (H_d, W_d)
+    changed = torch.zeros(8, 8, dtype=torch.bool)
+    changed[0:2, 6:8] = True
+    assert (diff[changed] > 0).all() and (diff[~changed] == 0).all()
+
+
+def test_table_usage_counts_the_vertices_not_the_alignment_padding(micro):
+    """random key codes reach every vertex of the two coarse (dense) levels of the micro
+    grid, res 2 and 4: 27 and 125 vertices, stored in 32 and 128 entries (multiples of 8).
+    Usage is 100%, not 27/32. (Fails with: dense levels divided by their padded size.)"""
+    m = BRIGHT(micro)
+    assert m.spec.dense[:2] == (True, True) and m.spec.sizes[:2] == (32, 128)
+    torch.manual_seed(0)
+    per_level, _ = bright.table_usage(m, torch.rand(64, 4, 4, 4))
+    assert per_level[:2] == [1.0, 1.0]
+
+
+def test_info_prints_what_the_readme_shows(capsys):
+    """`python bright.py info` for the tiny preset is the README's first block (counts of
+    dense/hashed levels, parameters of the grouped heads, the lookup's 2^D corners).
+    (Fails with: dense/hashed counts swapped; lookup MACs with 2^C_key corners; ungrouped heads.)"""
+    bright.main(["info"])
+    out = capsys.readouterr().out.splitlines()
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("`python bright.py info` prints these")[1].split("```")[1].strip().splitlines()
+    assert out == block
+
+
 # ----------------------------------------------------------------------------- data and errors
 
 def write_images(folder, n, size=20, start=0, **kw):
@@ -789,6 +843,63 @@ def test_shapes_prepare_records_its_settings(tmp_path):
     subprocess.run([sys.executable, shapes.__file__, "--hard", "--max-shapes", "2", "--n-train", "1", "--n-val", "1",
                     "--size", "16", "--root", str(tmp_path)], check=True, capture_output=True)
     assert shapes.is_prepared(str(tmp_path), **{**shapes.HARD, "max_shapes": 2})
+
+
+def test_read_image_centre_crops_landscape_and_portrait(tmp_path):
+    """read_image centre-crops (the x offset as well as the y one): a 30x10 image in three
+    bands, black | grey | white, keeps the grey middle, and so does the same image turned
+    upright. (Fails with: crop box x0 = 0, i.e. the left square of a landscape image.)"""
+    a = np.zeros((10, 30, 3), np.uint8)
+    a[:, 10:20], a[:, 20:] = 128, 255
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    Image.fromarray(a.transpose(1, 0, 2).copy()).save(tmp_path / "tall.png")
+    for name in ("wide.png", "tall.png"):
+        assert (bright.read_image(str(tmp_path / name), 10) == 128).all(), name
+
+
+def test_read_image_downscales_with_an_antialiasing_filter(tmp_path):
+    """a one-pixel checkerboard shrunk 4x averages to mid-grey (Lanczos, as
+    data/ffhq/prepare.py's images are made), not a pattern of black and white samples.
+    (Fails with: Image.NEAREST.)"""
+    board = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    Image.fromarray(np.stack([board] * 3, -1)).save(tmp_path / "board.png")
+    x = bright.read_image(str(tmp_path / "board.png"), 16).float()
+    assert (x - 127.5).abs().max() < 20
+
+
+def test_the_split_holds_out_the_names_that_hash_to_zero_mod_20(tmp_path):
+    """a flat folder of 100 images: the files whose relative name's crc32 is 0 mod 20 (~5%)
+    are the validation set, the rest train. (Fails with: == 0 -> != 0, 95% held out.)"""
+    write_images(tmp_path / "d", 100, size=16)
+    held = sum(zlib.crc32(f"{i:03d}.png".encode()) % 20 == 0 for i in range(100))
+    assert 1 <= held <= 15
+    train, val = bright.load_dataset(str(tmp_path / "d"), 16)
+    assert (len(train), len(val)) == (100 - held, held)
+
+
+def test_to_float_maps_the_uint8_range_onto_minus_one_one():
+    """0 -> -1 and 255 -> 1 exactly: the targets of the MSE and the PSNR's [0, 1] images.
+    (Fails with: x / 128 - 1, 255 -> 0.992.)"""
+    x = bright.to_float(torch.tensor([0, 255], dtype=torch.uint8))
+    assert x.tolist() == [-1.0, 1.0]
+
+
+def test_image_extensions_are_matched_in_any_case(tmp_path):
+    """IMG_0001.JPG (as cameras name them) and .PNG are images too.
+    (Fails with: f.endswith without .lower().)"""
+    for name in ("A.PNG", "B.JPG", "c.Jpeg", "d.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name, format="PNG" if "png" in name.lower() else "JPEG")
+    assert [os.path.basename(p) for p in bright.list_images(str(tmp_path))] == ["A.PNG", "B.JPG", "c.Jpeg", "d.png"]
+
+
+def test_shapes_validation_images_are_not_the_training_images():
+    """image i of the val split is drawn from its own generator, not the training image i
+    again (the validation PSNR and neighbors' held-out distances would be on training
+    images). (Fails with: default_rng([seed, 0, i]), the split ignored.)"""
+    shapes = shapes_generator()
+    for i in range(4):
+        tr, va = (np.asarray(shapes.make_image(0, split, i, 32)) for split in (0, 1))
+        assert not (tr == va).all(), i
 
 
 # ----------------------------------------------------------------------------- training and commands
@@ -1042,6 +1153,81 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
                       (("compare", out, "--out", afile), "cannot make that folder")]:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             run(*argv)
+
+
+def white_data(root):
+    """16x16 all-white images: 4 to train on, 2 to validate"""
+    for split, n in (("train", 4), ("val", 2)):
+        os.makedirs(root / split)
+        for i in range(n):
+            Image.new("RGB", (16, 16), "white").save(root / split / f"{i}.png")
+    return root
+
+
+class StubD(torch.nn.Module):
+    """a discriminator whose logit is a * mean(image) + b, recording what it is shown"""
+    def __init__(self, w=64):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(5.0)), torch.nn.Parameter(torch.tensor(3.0))
+        self.seen = []
+
+    def forward(self, x):
+        StubD.last = self
+        self.seen.append(x.detach().clone())
+        return (self.a * x.mean((1, 2, 3)) + self.b)[:, None, None, None]
+
+
+def test_gan_losses_are_the_non_saturating_ones(micro, tmp_path, monkeypatch, capsys):
+    """one step with a known discriminator D(x) = 5 mean(x) + 3 on white images: the
+    generator's loss is MSE + w softplus(-D(fake)) and D's softplus(D(fake)) + softplus(-D(real)),
+    the fakes being the first half of D's batch. (Fails with: softplus(+D(fake)) for the
+    generator, the signs of D's two terms swapped.)"""
+    monkeypatch.setattr(bright, "PatchDiscriminator", StubD)
+    data = white_data(tmp_path / "white")
+    losses = []
+    args = bright.parser().parse_args(["train", "--preset", "micro", "--data", str(data), "--out", str(tmp_path / "o"),
+                                       "--max-iters", "1", "--log-every", "1", "--gan-weight", "0.5"])
+    bright.train(args, on_step=lambda step, model, loss: losses.append(loss))
+    d_loss = float(re.search(r"D loss (\S+) ", capsys.readouterr().out).group(1))
+    gen_in, d_in = StubD.last.seen                                           # the generator's pass, then D's
+    y, x = d_in[:4], d_in[4:]
+    assert torch.equal(y, gen_in) and (x == 1).all()                         # fakes first, reals white
+    D = lambda im: 5 * im.mean((1, 2, 3)) + 3
+    want_g = torch.nn.functional.mse_loss(y, x) + 0.5 * torch.nn.functional.softplus(-D(y)).mean()
+    want_d = torch.nn.functional.softplus(D(y)).mean() + torch.nn.functional.softplus(-D(x)).mean()
+    assert losses[0] == pytest.approx(want_g.item(), rel=1e-5)
+    assert d_loss == pytest.approx(want_d.item(), abs=2e-4)     # printed to 4 decimals
+
+
+def test_optimizers_are_the_papers(micro, data16, tmp_path):
+    """Adam with betas (0, 0.99) and eps 1e-15 (README, the paper), for the model and the
+    discriminator. (Fails with: betas (0.9, 0.99) for the model.)"""
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 1, "--gan-weight", 0.1)
+    ck = torch.load(tmp_path / "bright.pt", weights_only=True)
+    g, d = ck["optimizer"]["param_groups"][0], ck["disc_optimizer"]["param_groups"][0]
+    assert (tuple(g["betas"]), g["eps"]) == ((0.0, 0.99), 1e-15)
+    assert tuple(d["betas"]) == (0.0, 0.99)
+
+
+def test_a_resumed_gan_run_continues_its_discriminator(micro, data16, tmp_path):
+    """2 steps + --resume for 2 more = 4 steps at once, the discriminator and its optimizer
+    included (gan_start 0). (Fails with: the resumed run starts a fresh discriminator.)"""
+    gan = ("--preset", "micro", "--data", data16, "--gan-weight", 0.5)
+    run("train", *gan, "--out", tmp_path / "a", "--max-iters", 4)
+    run("train", *gan, "--out", tmp_path / "b", "--max-iters", 2)
+    run("train", *gan, "--out", tmp_path / "b", "--max-iters", 4, "--resume")
+    ca, cb = (torch.load(tmp_path / r / "bright.pt", weights_only=True) for r in ("a", "b"))
+    for k in ("model", "disc"):
+        for n in ca[k]:
+            assert torch.equal(ca[k][n], cb[k][n]), (k, n)
+
+
+def test_resume_may_change_grad_accum(micro, data16, tmp_path):
+    """--grad-accum may change on --resume (a smaller GPU): the resumed run uses and records
+    it. (Fails with: only max_iters taken from the flags, --grad-accum silently ignored.)"""
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 1)
+    run("train", "--data", data16, "--out", tmp_path, "--max-iters", 2, "--resume", "--grad-accum", 2)
+    assert torch.load(tmp_path / "bright.pt", weights_only=True)["config"]["grad_accum"] == 2
 
 
 # ----------------------------------------------------------------------------- the VQ baseline and code bits
@@ -2267,3 +2453,95 @@ def test_command_line_error_is_one_line(tmp_path):
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(diffusion.__file__)))
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'none.pt')!r} not found "
                                                                    "(train one first: python diffusion.py train)"]
+
+
+def test_diffusion_trains_on_codes_in_minus_one_one_with_fresh_draws_each_step(world, tmp_path, monkeypatch):
+    """every x0 the loss sees is 2 z - 1 for a key code z of the training set; each step
+    draws its own batch, t and noise; AdamW without weight decay. (Fails with: x0 = z, the
+    [0, 1] codes themselves; the step seed replaced by the run seed (one batch forever);
+    AdamW's default weight decay 0.01.)"""
+    root, data, b8, _ = world
+    bright_run("encode", "--ckpt", b8, "--data", data, "--out", tmp_path / "codes.pt")
+    z = torch.load(tmp_path / "codes.pt", weights_only=True)["codes"]
+    seen, real = [], diffusion.Diffusion.loss
+    def spy(self, model, x0, gamma=5.0, t=None, eps=None):
+        seen.append((x0.detach().clone(), t.clone(), eps.clone()))
+        return real(self, model, x0, gamma, t, eps)
+    monkeypatch.setattr(diffusion.Diffusion, "loss", spy)
+    diff_run("train", "--codes", tmp_path / "codes.pt", "--out", tmp_path / "d", "--max-iters", 2,
+                         "--batch-size", 4)
+    assert len(seen) == 2
+    bank = (2 * z - 1).flatten(1)
+    for x0, _, _ in seen:
+        assert torch.cdist(x0.flatten(1), bank).min(1).values.max() < 1e-5   # each row is some 2 z - 1
+    (x1, t1, e1), (x2, t2, e2) = seen
+    assert not torch.equal(t1, t2) and not torch.equal(e1, e2)
+    assert torch.load(tmp_path / "d" / "ddpm.pt", weights_only=True)["optimizer"]["param_groups"][0]["weight_decay"] == 0
+
+
+def test_generate_maps_samples_to_key_codes_in_batches(monkeypatch):
+    """generate turns the sampler's x in [-1, 1] (clipped) into key codes (x + 1) / 2, and
+    draws n = 5 in batches of 2, 2, 1. (Fails with: x clamped to [0, 1] without the mapping.)"""
+    cfg = diffusion.make_config("tiny", z_channels=2, z_size=4)
+    calls = []
+    def fake(self, model, shape, device, steps=50, eta=0.0, generator=None):
+        calls.append(shape[0])
+        return torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 0.25]).repeat(shape[0], 2, 2, 1).view(shape)
+    monkeypatch.setattr(diffusion.Diffusion, "ddim_sample", fake)
+    z = diffusion.generate(None, cfg, 5, "cpu", "ddim", steps=2, bs=2)
+    assert calls == [2, 2, 1] and z.shape == (5, 2, 4, 4)
+    assert z[0].flatten()[:8].tolist() == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.625]
+
+
+def test_decode_all_gives_the_decoders_images_in_unit_interval(micro):
+    """decode_all = (decode(z).clamp(-1, 1) + 1) / 2, batch by batch. (Fails with: decode(z)
+    clamped to [0, 1], the negative half of the image range lost.)"""
+    torch.manual_seed(0)
+    m = BRIGHT(micro).eval().requires_grad_(False)
+    m.tables.normal_()
+    z = torch.rand(5, 4, 4, 4)
+    y = m.decode(z)
+    assert (y < 0).any() and (y > 0).any()
+    got = diffusion.decode_all(m, z, "cpu", bs=2)
+    assert torch.allclose(got, (y.clamp(-1, 1) + 1) / 2, atol=1e-5)
+
+
+def test_nearest_finds_the_closest_rows_and_their_rms_distance():
+    """a hand case: rows at RMS distance 2, 1, 3 and 0.5 from the query (4 dims), searched in
+    chunks of 2: the two nearest are rows 3 and 1, at 0.5 and 1. (Fails with: largest=True, the
+    farthest rows; the L2 distance instead of the RMS one.)"""
+    q = torch.zeros(1, 4)
+    bank = torch.tensor([2.0, 1.0, 3.0, 0.5])[:, None].expand(4, 4).contiguous()
+    d, idx = diffusion.nearest(q, bank, 2, lambda b: b, chunk=2)
+    assert idx.tolist() == [[3, 1]] and d[0].tolist() == pytest.approx([0.5, 1.0])
+
+
+@pytest.mark.parametrize("codes,msg", [
+    (torch.rand(4, 8, 8, 4), "key codes must be square, got 8x4"),
+    (torch.rand(4, 8, 8, 8) - 0.5, r"key codes must lie in \[0, 1\]"),
+])
+def test_check_codes_refuses_non_square_or_negative_codes(codes, msg):
+    """one error line, not a traceback in q_sample (non-square) nor silent training on codes
+    below 0. (Fails with: the square check removed; only the upper bound checked.)"""
+    with pytest.raises(SystemExit, match="^error: codes.pt: " + msg):
+        diffusion.check_codes(codes, "codes.pt")
+
+
+def test_neighbors_grid_shows_key_code_neighbours_then_pixel_ones(world, tmp_path, monkeypatch):
+    """neighbors.png, one row a sample: the sample, its k nearest training images by key code,
+    a blank, its k nearest by pixels (as the command's message says). nearest() is made to
+    answer training image 0 for every key-code search and image 1 for every pixel search, so
+    the columns say which search they show. (Fails with: the two searches' columns swapped.)"""
+    root, data, b8, _ = world
+    diff_run(*train_args(world, tmp_path / "d", 1))
+    real = diffusion.nearest
+    def fixed(queries, bank, k, as_float, chunk=1024):
+        d, idx = real(queries, bank, k, as_float, chunk)
+        return d, torch.full_like(idx, 1 if bank.dtype == torch.uint8 else 0)  # pixels: uint8 images
+    monkeypatch.setattr(diffusion, "nearest", fixed)
+    diff_run("neighbors", "--ckpt", tmp_path / "d" / "ddpm.pt", "--n", 1, "--k", 1, "--n-stats", 2,
+                         "--steps", 2, "--out", tmp_path / "nb.png")
+    g = torch.from_numpy(np.array(Image.open(tmp_path / "nb.png"))).permute(2, 0, 1)
+    cell = lambda c: g[:, 2:66, 2 + c * 66:2 + c * 66 + 64]
+    train_x, _ = bright.load_dataset(str(data), 64)
+    assert torch.equal(cell(1), train_x[0]) and torch.equal(cell(3), train_x[1]) and (cell(2) == 255).all()
