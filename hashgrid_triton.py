@@ -178,10 +178,11 @@ def grid_lookup_fast(coords, tables, spec):
     a small image/volume of F channels, so F.grid_sample (bilinear/trilinear, align_corners:
     vertex 0 at x = 0, vertex res at x = 1) interpolates it with both gradients in one fused
     op; other levels gather all 2^D corners at once instead of one corner at a time.
-    grid_sample reads x as 2x - 1, rounded: in float32 a coordinate below ~1.5e-8 lands on the
-    border (its gradient from those levels is 0) and one on a cell face may take the
-    neighbouring cell's one-sided derivative; the reference and the kernels do neither. (A
-    sigmoid key code is that small only for a logit below about -18.)"""
+    grid_sample reads x as 2x - 1, rounded: in float32 a coordinate below ~3e-8 lands on -1,
+    the edge, which padding_mode "zeros" reads as the inside of cell 0 ("border" would clip it
+    and lose its gradient; the coordinates are clamped to [0, 1] first, so nothing is ever
+    outside). A coordinate on a cell face may take (2x - 1 rounded) the one-sided derivative
+    of the cell below, where the reference and the kernels take the upper cell's."""
     N, G, D = coords.shape
     Fe = spec.features
     x = clamp_coords(coords)
@@ -193,7 +194,7 @@ def grid_lookup_fast(coords, tables, spec):
             vol = tables[:, off:off + n].reshape(G, *([r + 1] * D), Fe)  # (G, [c_{D-1}..c_0], F)
             vol = vol.movedim(-1, 1)                                    # (G, F, [c_{D-1}..c_0])
             grid = (2 * x - 1).transpose(0, 1).reshape(G, *([1] * (D - 1)), N, D)  # (G, 1.., N, D)
-            y = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            y = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
             out.append(y.reshape(G, Fe, N).permute(2, 0, 1))            # (N, G, F)
             continue
         idx, w = level_corners(x, spec, l)                              # (N, G, 2^D) each

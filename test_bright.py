@@ -201,6 +201,25 @@ def test_fast_path_equals_reference(case):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_fast_path_gradient_near_zero_in_float32():
+    # grid_sample reads a coordinate x as 2x - 1: in float32 any x below ~3e-8 rounds to -1,
+    # the edge. It must be read as the inside of cell 0 (the reference's one-sided derivative),
+    # not clipped (padding_mode "border" gives those dense levels a coordinate gradient of 0).
+    # Tolerance: float32 sums of 8 corners x F = 2 entries of size ~1, times res <= 16
+    spec = GridSpec(3, 3, 2, 12, 4, 16)
+    assert tuple(spec.dense) == (True, True, False)
+    gen = torch.Generator().manual_seed(0)
+    coords = torch.rand(64, 2, 3, generator=gen)
+    coords[:32, :, 0] = torch.tensor([1e-9, 1e-20, 1e-38, 2e-8]).repeat(8)[:, None]
+    tables = torch.randn(2, spec.num_entries, 2, generator=gen)
+    go = torch.randn(64, 2, 6, generator=gen)
+    r = grads(grid_lookup_reference, coords, tables, spec, go)
+    f = grads(grid_lookup_fast, coords, tables, spec, go)
+    assert r[1][:32, :, 0].abs().min() > 0.01                    # a real slope there, not 0
+    for a, b in zip(r, f):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_fast_path_gradients_are_bitwise_repeatable_on_two_threads(two_threads):
     # Training on the CPU is bit-reproducible (the same command takes the same steps), and
     # Adam's eps of 1e-15 turns last-bit gradient differences on rarely-touched entries into
