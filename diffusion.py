@@ -569,8 +569,8 @@ def check_sampler_flags(args):
         args.eta = 0.0 if getattr(args, "eta", None) is None else args.eta
         if not 0 <= args.eta <= 1:
             fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: as much noise as DDPM), got {args.eta}")
-    if not 0 <= args.seed < 2 ** 63:
-        fail(f"--seed must be in 0..2^63-1, got {args.seed}")
+    if not 0 <= args.seed < 2 ** 32:  # torch's CPU generator reads a seed's low 32 bits: 2^32 would be 0
+        fail(f"--seed must be in 0..2^32-1, got {args.seed}")
 
 
 def cmd_sample(args):

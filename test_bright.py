@@ -7,6 +7,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
+import argparse
+import dataclasses
 import io
 import json
 import math
@@ -448,6 +450,11 @@ def test_ema_update_and_step_seed():
     # every (seed, step) pair its own draws (seed + step would replay seed 0 one step later)
     seeds = {bright.step_seed(s, k) for s in range(4) for k in range(100)}
     assert len(seeds) == 400 and bright.step_seed(0, 7) == 7
+    # and distinct draws: torch's CPU generator reads only a seed's low 32 bits (2^32 is 0 to it)
+    # (--seed is at most 2^31 - 1)
+    assert max(seeds) < 2 ** 32 and max(bright.step_seed(2 ** 31 - 1, k) for k in range(9)) < 2 ** 32
+    draws = lambda seed: (torch.manual_seed(bright.step_seed(seed, 5)), torch.rand(4))[1]
+    assert not torch.equal(draws(1), draws(0)) and not torch.equal(draws(2 ** 31 - 1), draws(0))
 
 
 def check_ema(saved, init, states, ema_decay):
@@ -1249,6 +1256,172 @@ def test_resume_may_change_grad_accum(micro, data16, tmp_path):
     assert torch.load(tmp_path / "bright.pt", weights_only=True)["config"]["grad_accum"] == 2
 
 
+def test_each_seed_draws_its_own_batches(micro, data16, tmp_path, monkeypatch):
+    """--seed reaches the per-step draws: step k's batch (and key-code noise, drawn right after
+    it) comes from step_seed(seed, k), so two seeds train on different image sequences, not
+    only from different initial weights. (A step seed taken from the step alone would give every
+    seed the same batches and noise: runs meant to measure seed variance would be correlated.)"""
+    seen = []
+    real = bright.to_float
+    monkeypatch.setattr(bright, "to_float", lambda x: (seen.append(x.clone()), real(x))[1])
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 1, "--seed", 1)
+    train_x, _ = bright.load_dataset(str(data16), 16)
+    batch = lambda seed: (torch.manual_seed(bright.step_seed(seed, 0)), train_x[torch.randint(len(train_x), (4,))])[1]
+    assert not torch.equal(batch(1), batch(0))              # the check below can tell the two apart
+    assert torch.equal(seen[0], batch(1))                   # the first call: step 0's (only) micro-batch
+
+
+def test_open_log_drops_a_cut_line_whose_digits_read_as_an_earlier_step(tmp_path):
+    """A run killed while writing the line of step 12 can leave "1" at the end of log.csv: an
+    integer <= the checkpoint's step, but no row. open_log must drop it (it has no newline), or
+    the resumed run's first line is glued to it ("1" + "11,..." = step 111)."""
+    p = tmp_path / "log.csv"
+    p.write_text("iteration,loss,psnr,seconds\n1,0.5,20.0,1.0\n2,0.4,21.0,2.0\n1")
+    with bright.open_log(str(p), 10) as f:
+        f.write("11,0.3,22.0,3.0\n")
+    assert bright.read_log(str(tmp_path))["iteration"] == [1, 2, 11]
+
+
+def test_validation_and_recon_png_use_the_ema_weights(micro, data16, tmp_path, monkeypatch):
+    """The validation printed at a save ("val psnr ... (EMA)") scores the EMA weights that the
+    checkpoint stores as "ema", and recon.png shows their reconstructions, not those of the
+    weights being trained (which the checkpoint stores as "model", and which differ after 2 steps)."""
+    seen = {}
+    real_eval, real_pairs = bright.evaluate, bright.pairs_grid
+
+    def spy_eval(model, *a, **k):
+        seen["weights"] = {n: v.clone() for n, v in model.state_dict().items()}
+        return real_eval(model, *a, **k)
+
+    def spy_pairs(orig, recon, path, *a, **k):
+        seen["orig"], seen["recon"] = orig.clone(), recon.clone()
+        return real_pairs(orig, recon, path, *a, **k)
+    monkeypatch.setattr(bright, "evaluate", spy_eval)
+    monkeypatch.setattr(bright, "pairs_grid", spy_pairs)
+    run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 2)
+    ck = torch.load(tmp_path / "bright.pt", weights_only=True)
+    assert not all(torch.equal(ck["ema"][n], ck["model"][n]) for n in ck["ema"])
+    assert seen["weights"].keys() == ck["ema"].keys()
+    assert all(torch.equal(seen["weights"][n], ck["ema"][n]) for n in ck["ema"])
+    m, _, _ = bright.load_checkpoint(str(tmp_path / "bright.pt"))
+    with torch.no_grad():
+        want = m.decode(m.encode(seen["orig"])).clamp(-1, 1)
+    # the same weights and inputs on the same CPU: equal up to float rounding (measured: 0)
+    assert torch.allclose(seen["recon"], want, atol=1e-6)
+
+
+def test_log_csv_columns_hold_what_their_names_say(micro, data16, tmp_path):
+    """log.csv is iteration, loss, psnr, seconds: the loss column holds the step's loss (as
+    on_step sees it, written with 6 decimals, hence abs 1e-6), the psnr column the training
+    batch's PSNR in dB (a fresh micro model on these images: 5-20 dB), so that `compare` plots PSNR."""
+    losses = []
+    args = bright.parser().parse_args(["train", "--preset", "micro", "--data", str(data16), "--out", str(tmp_path),
+                                       "--max-iters", "2", "--log-every", "1"])
+    bright.train(args, on_step=lambda step, model, loss: losses.append(loss))
+    log = bright.read_log(str(tmp_path))
+    assert log["iteration"] == [1, 2]
+    assert log["loss"] == pytest.approx(losses, abs=1e-6)
+    assert all(5 < p < 20 for p in log["psnr"]), log["psnr"]
+
+
+def test_curves_draw_higher_values_higher(tmp_path, monkeypatch):
+    """plot_curves: image rows grow downwards, so a rising series must go up the chart: 10 on the
+    frame's bottom edge (y = 420 - 50), 20 on its top (y = 20), and the y labels beside them."""
+    from PIL import ImageDraw
+    lines, texts = [], []
+    orig_line, orig_text = ImageDraw.ImageDraw.line, ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", lambda self, xy, *a, **k: (
+        lines.append((xy, k.get("fill"))), orig_line(self, xy, *a, **k))[1])
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: (
+        texts.append((xy, t)), orig_text(self, xy, t, *a, **k))[1])
+    bright.plot_curves({"a": ([1, 2, 3], [10.0, 15.0, 20.0])}, str(tmp_path / "c.png"), "iteration", "psnr")
+    curve = [xy for xy, fill in lines if fill == (31, 119, 180) and len(xy) == 3]
+    assert len(curve) == 1 and [y for _, y in curve[0]] == pytest.approx([370, 195, 20])
+    labels = {t: xy[1] for xy, t in texts}
+    assert labels["10.0"] == pytest.approx(370) and labels["20.0"] == pytest.approx(20)
+
+
+def micro_checkpoint(cfg, path, seed=0):
+    """a BRIGHT checkpoint of the micro config written by hand (no training): random weights,
+    tables N(0, 1) so that the output depends on the key codes. -> the model (eval mode)"""
+    torch.manual_seed(seed)
+    m = BRIGHT(cfg).eval().requires_grad_(False)
+    m.tables.normal_()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": "bright", "config": dataclasses.asdict(cfg), "step": 3, "seconds": 1.0, "model": m.state_dict(),
+                "ema": m.state_dict()}, path)
+    return m
+
+
+def test_reconstruct_puts_the_originals_above_their_reconstructions(micro, data16, tmp_path):
+    """reconstruct.png: first row the validation images (exactly: uint8 -> [-1, 1] -> uint8
+    round-trips), the row below their reconstructions (to one grey level: float rounding at a
+    .5 boundary), as its message says."""
+    m = micro_checkpoint(micro, tmp_path / "bright.pt")
+    run("reconstruct", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--n", 2, "--out", tmp_path / "r.png",
+        "--device", "cpu")
+    g = torch.from_numpy(np.array(Image.open(tmp_path / "r.png"))).permute(2, 0, 1)
+    assert g.shape == (3, 2 * 18 + 2, 2 * 18 + 2)
+    cell = lambda r, c: g[:, 2 + r * 18:2 + r * 18 + 16, 2 + c * 18:2 + c * 18 + 16]
+    _, val = bright.load_dataset(str(data16), 16, train=False)
+    with torch.no_grad():
+        y = m.decode(m.encode(bright.to_float(val[:2]))).clamp(-1, 1)
+    recon = ((y + 1) / 2 * 255).round().byte()
+    for c in range(2):
+        assert torch.equal(cell(0, c), val[c])
+        assert (cell(1, c).int() - recon[c].int()).abs().max() <= 1
+        assert (recon[c].int() - val[c].int()).abs().max() > 10         # the two rows can be told apart
+
+
+def test_evaluate_scores_the_clamped_reconstructions(micro):
+    """evaluate's PSNR and SSIM are those of the reconstructions as images, clamped to [-1, 1] as
+    reconstruct, compare and decode_all show them. A to_rgb bias of 3 puts every output above 1:
+    unclamped, the PSNR would count errors that no saved image has."""
+    torch.manual_seed(0)
+    m = BRIGHT(micro).eval().requires_grad_(False)
+    m.to_rgb.bias.fill_(3.0)
+    val = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = bright.to_float(val)
+    with torch.no_grad():
+        y = m.decode(m.encode(x))
+    assert y.min() > 1
+    p, s, _ = bright.evaluate(m, val, "cpu")
+    # the same float32 ops on the same inputs: agreement to rounding (1e-4 dB, 1e-5 in SSIM)
+    assert torch.allclose(p, bright.psnr(y.clamp(-1, 1), x), atol=1e-4)
+    assert torch.allclose(s, bright.ssim(y.clamp(-1, 1), x), atol=1e-5)
+
+
+def test_eval_reports_the_mean_of_the_per_image_psnrs(micro, data16, tmp_path, monkeypatch, capsys):
+    """eval's "psnr" is the mean over images of each image's PSNR (evaluate's per-image values,
+    as the paper's tables average them), not the PSNR of the mean MSE: images at 10 and 30 dB
+    give 20 dB (the PSNR of their mean MSE would be 12.97 dB)."""
+    micro_checkpoint(micro, tmp_path / "bright.pt")
+    monkeypatch.setattr(bright, "evaluate", lambda model, val, device, **k: (
+        torch.tensor([10.0, 30.0]), torch.tensor([0.5, 0.7]), torch.rand(2, 4, 4, 4)))
+    capsys.readouterr()
+    run("eval", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--json", "--device", "cpu")
+    r = json.loads(capsys.readouterr().out)
+    assert r["psnr"] == pytest.approx(20.0) and r["ssim"] == pytest.approx(0.6)
+
+
+def test_compare_plots_each_smoothed_psnr_at_the_iteration_its_window_ends(micro, data16, tmp_path, monkeypatch):
+    """compare smooths the training PSNR over k = rows // 40 rows ('valid' moving average) and
+    plots value i at the iteration of the window's last row: 100 rows -> k = 2, 99 points,
+    the first at iteration 2 = mean of rows 1 and 2."""
+    run_dir = tmp_path / "run"
+    micro_checkpoint(micro, run_dir / "bright.pt")
+    its = list(range(1, 101))
+    psnrs = [float(i % 7) for i in its]
+    (run_dir / "log.csv").write_text("iteration,loss,psnr,seconds\n"
+                                     + "".join(f"{i},0.1,{p},{i}\n" for i, p in zip(its, psnrs)))
+    curves = {}
+    monkeypatch.setattr(bright, "plot_curves", lambda series, path, *a, **k: curves.update(series))
+    run("compare", run_dir, "--data", data16, "--out", tmp_path / "cmp", "--n", 2, "--device", "cpu")
+    (xs, ys), = curves.values()
+    assert xs == its[1:]
+    assert ys == pytest.approx([(a + b) / 2 for a, b in zip(psnrs, psnrs[1:])])  # float64 means of small integers
+
+
 # ----------------------------------------------------------------------------- the VQ baseline and code bits
 
 def test_vq_snaps_to_the_nearest_codebook_entry():
@@ -1870,6 +2043,87 @@ def test_training_with_triton_backend_matches_torch(micro, data16, tmp_path):
     assert torch.allclose(mk.to_key.weight, mt.to_key.weight, atol=1e-5)
 
 
+def test_triton_lookup_takes_non_contiguous_inputs():
+    """The kernels index coords as row * D + d and tables as rows of F: the autograd Function
+    must make both contiguous first. Here coords come from a transposed (G, N, D) tensor and
+    the tables from a (G, F, E) one, both views with other strides; output and both gradients
+    must equal the reference's, in float64 to rounding (1e-12), as test_dense_and_hashed_levels_fp64.
+    (A stride-blind read takes other points' coordinates and other entries' features.)"""
+    spec = GridSpec(3, 1, 2, 6, 6, 6)                       # one hashed level: 7^3 vertices > 2^6
+    assert spec.dense == (False,)
+    gen = torch.Generator().manual_seed(0)
+    N, G = 40, 2
+    c_base = torch.rand(G, N, 3, generator=gen, dtype=torch.float64).to(DEVICE)
+    t_base = torch.randn(G, spec.features, spec.num_entries, generator=gen, dtype=torch.float64).to(DEVICE)
+    grad = torch.randn(N, G, spec.levels * spec.features, generator=gen, dtype=torch.float64).to(DEVICE)
+    results = []
+    for fn in (lambda c, t: hg.grid_lookup_triton(c, t, spec, block=BLOCK), lambda c, t: grid_lookup_reference(c, t, spec)):
+        cb, tb = c_base.clone().requires_grad_(), t_base.clone().requires_grad_()
+        c, t = cb.transpose(0, 1), tb.transpose(1, 2)       # (N, G, 3), (G, E, F): not contiguous
+        assert not c.is_contiguous() and not t.is_contiguous()
+        out = fn(c, t)
+        out.backward(grad)
+        results.append((out.detach(), cb.grad, tb.grad))
+    for a, b in zip(*results):
+        _close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_launch_grid_stays_within_cudas_limits():
+    """CUDA grids allow 2^31 - 1 blocks on axis 0 but only 65535 on axes 1 and 2: with more than
+    65535 point blocks the launch must put them on axis 0 (levels on axis 2). Checked on the
+    launch arguments alone (an expanded tensor of 2^20 + 1 points takes no memory; nothing runs).
+    (Without that switch a lookup of > 65535 * 128 = 8.4M points per launch fails on the GPU.)"""
+    spec = GridSpec(3, 2, 2, 6, 2, 6)
+    N, block = 65536 * 16 + 1, 16
+    coords = torch.zeros(1, 1, 3, device=DEVICE).expand(N, 1, 3)
+    tables = torch.zeros(1, spec.num_entries, spec.features, device=DEVICE)
+    grid, _, common = hg._launch_args(coords, tables, spec, block)
+    nblocks = -(-N // block)
+    assert nblocks > 65535 and grid[1] <= 65535 and grid[2] <= 65535
+    assert sorted(grid) == sorted((nblocks, 1, spec.levels))                # every program still launched
+    assert common["LEVELS_INNER"] is False and grid[0] == nblocks          # the layout the kernel reads
+    # a small N keeps the level-fastest order
+    grid, _, common = hg._launch_args(coords[:100], tables, spec, block)
+    assert common["LEVELS_INNER"] is hg.LEVELS_INNER and grid == ((spec.levels, 7, 1) if hg.LEVELS_INNER else (7, 1, spec.levels))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_lookup_rejects_tables_with_another_feature_count(backend):
+    """tables (G, E, F) with F other than the spec's: one ValueError, whatever the backend (the
+    fast path would reshape them to rows of the spec's F and interpolate garbage, the reference
+    would return L * F' features, the kernels read past each row)."""
+    spec = GridSpec(3, 2, 2, 8, 2, 4)
+    coords = torch.rand(5, 2, 3)
+    with pytest.raises(ValueError, match="do not match the spec"):
+        grid_lookup(coords, torch.randn(2, spec.num_entries, 4), spec, backend)
+
+
+def test_benchmark_only_runs_the_configuration_named(monkeypatch, capsys):
+    """python hashgrid_triton.py --only tiny times the 'tiny' configuration and not 'paper'
+    (0.3 GB of tables and 16 images of inputs). What is timed does not matter here: the inputs are cut to
+    one image and the lookup is a stub of the right shape, so the run takes milliseconds; the
+    paper configuration's inputs must not even be built."""
+    real = hg.benchmark_inputs
+    built = []
+
+    def one_image(images, side, G, spec, device):
+        built.append(side)
+        if side != 16:                                       # 'tiny' has a 16x16 feature map, 'paper' 64x64
+            raise AssertionError(f"--only tiny built the inputs of a {side}x{side} configuration")
+        return real(1, side, G, spec, device)
+
+    def stub(c, t, spec, backend):                          # (N, G, L*F), differentiable in c and t
+        return (c.sum() + t.sum()) * torch.zeros(c.shape[0], c.shape[1], spec.levels * spec.features)
+    monkeypatch.setattr(hg, "benchmark_inputs", one_image)
+    monkeypatch.setattr(hg, "grid_lookup", stub)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["hashgrid_triton.py", "--only", "tiny", "--repeats", "3"])
+    hg._benchmark()
+    out = capsys.readouterr().out
+    assert built == [16] and "[tiny]" in out and "[paper]" not in out
+    assert "reference" in out and "torch (fast path)" in out
+
+
 # ----------------------------------------------------------------------------- diffusion over key codes
 
 T = 1000
@@ -2447,7 +2701,7 @@ def test_bad_inputs(world, tmp_path, capsys):
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"mults": []}'], r"mults must list at least one resolution"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"mults": [1, 0]}'], r"mults must be a list of positive integers"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--steps", 1001, "--out", tmp_path / "s.png"], r"1..1000 \(the model's T\)"),
-        (["sample", "--ckpt", ok / "ddpm.pt", "--seed", 2 ** 64, "--out", tmp_path / "s.png"], r"--seed must be in"),
+        (["sample", "--ckpt", ok / "ddpm.pt", "--seed", 2 ** 32, "--out", tmp_path / "s.png"], r"--seed must be in"),
         # output paths: checked before the work, not at its end (or at the first checkpoint)
         ([*train_args(world, afile, 1)], "--out .*afile.*: cannot make that folder"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", afile / "s.png"], "cannot make that folder"),
@@ -2564,3 +2818,113 @@ def test_neighbors_grid_shows_key_code_neighbours_then_pixel_ones(world, tmp_pat
     cell = lambda c: g[:, 2:66, 2 + c * 66:2 + c * 66 + 64]
     train_x, _ = bright.load_dataset(str(data), 64)
     assert torch.equal(cell(1), train_x[0]) and torch.equal(cell(3), train_x[1]) and (cell(2) == 255).all()
+
+
+SMALL_DDPM = ["--set", '{"width": 16, "mults": [1, 2], "timesteps": 20}', "--batch-size", "4"]
+
+
+def codes_file(path, codes):
+    """a bright-codes file as `bright.py encode` writes it, without a fingerprint (an older one)"""
+    torch.save({"kind": "bright-codes", "codes": codes, "val_codes": codes[:2], "bright_ckpt": str(path) + ".none",
+                "config": {}}, path)
+    return str(path)
+
+
+def test_a_resumed_ddpm_refuses_other_key_codes(tmp_path):
+    """--resume checks that the training codes are the run's own: their count and the first 8
+    (to 1e-3; the same images through the same weights differ by ~1e-6). Refused: the 12 codes
+    plus one more (the first 8 unchanged), and the 12 codes each moved by 0.02; accepted: the
+    same 12 again. (A DDPM resumed on other codes no longer takes the steps of one run.)"""
+    z = torch.rand(12, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    out = str(tmp_path / "r")
+    diffusion.main(["train", "--codes", codes_file(tmp_path / "a.pt", z), "--out", out, "--max-iters", "1",
+                    *SMALL_DDPM, "--device", "cpu"])
+    for name, other in [("more.pt", torch.cat([z, z[:1]])), ("moved.pt", z + 0.02)]:
+        with pytest.raises(SystemExit, match="^error: the training key codes .* are not those"):
+            diffusion.main(["train", "--codes", codes_file(tmp_path / name, other), "--out", out, "--resume",
+                            "--max-iters", "2", "--device", "cpu"])
+    diffusion.main(["train", "--codes", str(tmp_path / "a.pt"), "--out", out, "--resume", "--max-iters", "2",
+                    "--device", "cpu"])
+    assert torch.load(os.path.join(out, "ddpm.pt"), weights_only=True)["step"] == 2
+
+
+def test_sampling_warns_only_about_a_real_change_of_the_bright_model(micro, tmp_path, capsys):
+    """load_for_sampling compares the BRIGHT checkpoint with the one the DDPM's codes came from:
+    its config (less max_iters and grad_accum, which a resumed run may change) and then its
+    weights' fingerprint. Hand-made checkpoints: same model -> silent; a DDPM without a
+    fingerprint (trained on an older codes file) -> nothing to compare, silent; BRIGHT resumed with
+    another --grad-accum and trained on -> the weights warning, not the config one; another lr ->
+    the config warning."""
+    torch.manual_seed(0)
+    state = BRIGHT(micro).state_dict()
+    fp = bright.fingerprint(state)
+    dcfg = diffusion.make_config("tiny", z_channels=4, z_size=4, width=16, mults=(1, 2), timesteps=20)
+    unet = diffusion.UNet(dcfg).state_dict()
+    for i, (ddpm_fp, change, warning) in enumerate([(fp, {}, None), (None, {}, None),
+                                                     ("0badf00d", {"grad_accum": 2}, "has other weights"),
+                                                     (fp, {"lr": 0.01}, "has another config")]):
+        b, d = tmp_path / f"b{i}.pt", tmp_path / f"d{i}.pt"
+        torch.save({"kind": "bright", "config": dataclasses.asdict(dataclasses.replace(micro, **change)), "step": 1, "model": state,
+                    "ema": state}, b)
+        torch.save({"kind": "ddpm", "config": dataclasses.asdict(dcfg), "step": 1, "model": unet, "ema": unet,
+                    "bright_config": dataclasses.asdict(micro), "bright_fingerprint": ddpm_fp}, d)
+        diffusion.load_for_sampling(argparse.Namespace(device="cpu", ckpt=str(d), steps=None, bright_ckpt=str(b)))
+        out = capsys.readouterr().out
+        assert (warning in out if warning else "warning" not in out), (i, out)
+        assert out.count("warning") <= 1
+
+
+def test_neighbors_grid_rows_hold_every_training_image_when_k_exceeds_them(micro, data16, tmp_path, capsys):
+    """--k larger than the training set (12 images): k becomes 12, so each row holds the sample,
+    12 key-code neighbours, a blank and 12 pixel neighbours, 26 cells of 16 + 2 pixels (with the
+    asked k the rows would be 2k + 2 = 42 cells wide and the 26 images would not fill them)."""
+    micro_checkpoint(micro, tmp_path / "bright.pt")
+    dcfg = diffusion.make_config("tiny", z_channels=4, z_size=4, width=16, mults=(1, 2), timesteps=20)
+    torch.manual_seed(0)
+    unet = diffusion.UNet(dcfg).state_dict()
+    torch.save({"kind": "ddpm", "config": dataclasses.asdict(dcfg), "step": 1, "model": unet, "ema": unet,
+                "bright_ckpt": str(tmp_path / "bright.pt")}, tmp_path / "ddpm.pt")
+    diffusion.main(["neighbors", "--ckpt", str(tmp_path / "ddpm.pt"), "--data", str(data16), "--n", "1", "--k", "20",
+                    "--n-stats", "2", "--steps", "2", "--out", str(tmp_path / "nb.png"), "--device", "cpu"])
+    assert "their 12 nearest of 12 training images" in capsys.readouterr().out
+    assert Image.open(tmp_path / "nb.png").size == (26 * 18 + 2, 18 + 2)
+
+
+# ----------------------------------------------------------------------------- data/ffhq/prepare.py
+
+@pytest.fixture
+def ffhq(monkeypatch, request):
+    """data/ffhq/prepare.py as the module `prepare` (its worker pool pickles convert() by name)"""
+    import importlib
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "ffhq"))
+    request.addfinalizer(lambda: sys.modules.pop("prepare", None))
+    return importlib.import_module("prepare")
+
+
+def test_ffhq_limit_never_reaches_into_the_validation_images(ffhq, tmp_path):
+    """--limit larger than the training count keeps the training count: 5 images, --n-val 1,
+    --limit 10 -> 4 training images; the 5th is validation only (else it is trained on too)."""
+    write_images(tmp_path / "src", 5)
+    ffhq.prepare(str(tmp_path / "src"), str(tmp_path / "out"), size=16, n_val=1, limit=10, workers=1, quiet=True)
+    assert sorted(os.listdir(tmp_path / "out" / "train")) == [".complete"] + [f"{i:05d}.png" for i in range(4)]
+    assert os.listdir(tmp_path / "out" / "val") == ["00000.png"]
+
+
+def test_ffhq_needs_a_training_image_beside_the_validation_ones(ffhq, tmp_path):
+    """--n-val equal to the number of images leaves nothing to train on: one error line, before
+    anything is written (not an empty train/ marked complete)."""
+    write_images(tmp_path / "src", 3)
+    with pytest.raises(SystemExit, match="only 3 images .* not enough for --n-val 3 plus training"):
+        ffhq.prepare(str(tmp_path / "src"), str(tmp_path / "out"), size=16, n_val=3, workers=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ffhq_lists_images_in_natural_order_without_hidden_files(ffhq, tmp_path):
+    """Names sort with numbers compared as numbers (2 before 10: a mirror without zero padding
+    keeps its order, so the last --n-val are the right ones), and hidden files, such as the
+    ._name resource forks and __MACOSX/ folder macOS zips carry, are not images."""
+    src = tmp_path / "src"
+    for name in ("1.png", "2.png", "10.png", ".3.png", "__MACOSX/._1.png", "sub/.hidden/4.png", "sub/5.png"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"")
+    assert ffhq.list_images(str(src)) == ["1.png", "2.png", "10.png", os.path.join("sub", "5.png")]
