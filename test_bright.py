@@ -280,7 +280,6 @@ def test_kernel_index_arithmetic_passes_the_overflow_sanitizer():
     builder = getattr(interpreter, "interpreter_builder", None)
     if builder is None or not hasattr(getattr(builder, "options", None), "debug"):
         pytest.skip("this triton's interpreter has no debug option to switch on")
-    import dataclasses
     old = builder.options
     builder.options = dataclasses.replace(old, debug=True)
     try:
@@ -765,13 +764,17 @@ def test_loader_errors(tmp_path, setup, msg):
         bright.load_dataset(str(d), 16)
 
 
-def test_ffhq_prepare(tmp_path, monkeypatch, request):
+@pytest.fixture
+def ffhq(monkeypatch, request):
+    """data/ffhq/prepare.py as an importable module `prepare` (its worker pool pickles convert()
+    by name, and spawned workers import it again from sys.path); removed from sys.modules after"""
     import importlib
-    # an importable module (its worker pool pickles convert() by name, and spawned workers
-    # import it again from sys.path); removed from sys.modules afterwards
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "ffhq"))
     request.addfinalizer(lambda: sys.modules.pop("prepare", None))
-    ffhq = importlib.import_module("prepare")
+    return importlib.import_module("prepare")
+
+
+def test_ffhq_prepare(ffhq, tmp_path):
     src, root = tmp_path / "src", tmp_path / "ffhq"
     write_images(src, 4)                                                           # 000..003.png, 20x23
     Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(src / "004.png")     # 16-bit grey, validation
@@ -2848,6 +2851,16 @@ def test_a_resumed_ddpm_refuses_other_key_codes(tmp_path):
     assert torch.load(os.path.join(out, "ddpm.pt"), weights_only=True)["step"] == 2
 
 
+def ddpm_checkpoint(path, **records):
+    """a DDPM checkpoint written by hand (no training) over the micro model's 4x4x4 key codes,
+    with what it records of its BRIGHT model (bright_ckpt, bright_config, bright_fingerprint)"""
+    cfg = diffusion.make_config("tiny", z_channels=4, z_size=4, width=16, mults=(1, 2), timesteps=20)
+    torch.manual_seed(0)
+    unet = diffusion.UNet(cfg).state_dict()
+    torch.save({"kind": "ddpm", "config": dataclasses.asdict(cfg), "step": 1, "model": unet, "ema": unet, **records},
+               path)
+
+
 def test_sampling_warns_only_about_a_real_change_of_the_bright_model(micro, tmp_path, capsys):
     """load_for_sampling compares the BRIGHT checkpoint with the one the DDPM's codes came from:
     its config (less max_iters and grad_accum, which a resumed run may change) and then its
@@ -2855,19 +2868,13 @@ def test_sampling_warns_only_about_a_real_change_of_the_bright_model(micro, tmp_
     fingerprint (trained on an older codes file) -> nothing to compare, silent; BRIGHT resumed with
     another --grad-accum and trained on -> the weights warning, not the config one; another lr ->
     the config warning."""
-    torch.manual_seed(0)
-    state = BRIGHT(micro).state_dict()
-    fp = bright.fingerprint(state)
-    dcfg = diffusion.make_config("tiny", z_channels=4, z_size=4, width=16, mults=(1, 2), timesteps=20)
-    unet = diffusion.UNet(dcfg).state_dict()
+    fp = bright.fingerprint(micro_checkpoint(micro, tmp_path / "b.pt").state_dict())
     for i, (ddpm_fp, change, warning) in enumerate([(fp, {}, None), (None, {}, None),
                                                      ("0badf00d", {"grad_accum": 2}, "has other weights"),
                                                      (fp, {"lr": 0.01}, "has another config")]):
         b, d = tmp_path / f"b{i}.pt", tmp_path / f"d{i}.pt"
-        torch.save({"kind": "bright", "config": dataclasses.asdict(dataclasses.replace(micro, **change)), "step": 1, "model": state,
-                    "ema": state}, b)
-        torch.save({"kind": "ddpm", "config": dataclasses.asdict(dcfg), "step": 1, "model": unet, "ema": unet,
-                    "bright_config": dataclasses.asdict(micro), "bright_fingerprint": ddpm_fp}, d)
+        micro_checkpoint(dataclasses.replace(micro, **change), b)       # the same weights (seed 0)
+        ddpm_checkpoint(d, bright_config=dataclasses.asdict(micro), bright_fingerprint=ddpm_fp)
         diffusion.load_for_sampling(argparse.Namespace(device="cpu", ckpt=str(d), steps=None, bright_ckpt=str(b)))
         out = capsys.readouterr().out
         assert (warning in out if warning else "warning" not in out), (i, out)
@@ -2879,11 +2886,7 @@ def test_neighbors_grid_rows_hold_every_training_image_when_k_exceeds_them(micro
     12 key-code neighbours, a blank and 12 pixel neighbours, 26 cells of 16 + 2 pixels (with the
     asked k the rows would be 2k + 2 = 42 cells wide and the 26 images would not fill them)."""
     micro_checkpoint(micro, tmp_path / "bright.pt")
-    dcfg = diffusion.make_config("tiny", z_channels=4, z_size=4, width=16, mults=(1, 2), timesteps=20)
-    torch.manual_seed(0)
-    unet = diffusion.UNet(dcfg).state_dict()
-    torch.save({"kind": "ddpm", "config": dataclasses.asdict(dcfg), "step": 1, "model": unet, "ema": unet,
-                "bright_ckpt": str(tmp_path / "bright.pt")}, tmp_path / "ddpm.pt")
+    ddpm_checkpoint(tmp_path / "ddpm.pt", bright_ckpt=str(tmp_path / "bright.pt"))
     diffusion.main(["neighbors", "--ckpt", str(tmp_path / "ddpm.pt"), "--data", str(data16), "--n", "1", "--k", "20",
                     "--n-stats", "2", "--steps", "2", "--out", str(tmp_path / "nb.png"), "--device", "cpu"])
     assert "their 12 nearest of 12 training images" in capsys.readouterr().out
@@ -2891,14 +2894,6 @@ def test_neighbors_grid_rows_hold_every_training_image_when_k_exceeds_them(micro
 
 
 # ----------------------------------------------------------------------------- data/ffhq/prepare.py
-
-@pytest.fixture
-def ffhq(monkeypatch, request):
-    """data/ffhq/prepare.py as the module `prepare` (its worker pool pickles convert() by name)"""
-    import importlib
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(bright.__file__)), "data", "ffhq"))
-    request.addfinalizer(lambda: sys.modules.pop("prepare", None))
-    return importlib.import_module("prepare")
 
 
 def test_ffhq_limit_never_reaches_into_the_validation_images(ffhq, tmp_path):
