@@ -353,6 +353,12 @@ def test_presets_build_with_paper_shapes(preset):
     (dict(gan_weight=-0.5), "gan_weight must be >= 0, got -0.5"),
     (dict(ema_decay=5), "ema_decay must be in [0, 1), got 5"),
     (dict(ema_decay=1.0), "ema_decay must be in [0, 1), got 1.0"),
+    (dict(lr=True), "lr must be a number, got True"),                  # JSON true is no number
+    (dict(grad_accum=0), "grad_accum must be > 0, got 0"),
+    (dict(c_d=30), "c_d of the group count"),                           # 4 groups: 30 channels do not split
+    (dict(bottleneck="vae"), "bottleneck must be 'hash' or 'vq', not 'vae'"),
+    (dict(enc_widths=(16, 32)), "image_size must be z_size * 2^(len(enc_widths) - 1)"),
+    (dict(z_size=32, enc_widths=(16, 32)), "feat_size must be a multiple of z_size"),
 ])
 def test_config_errors_are_one_line(fields, msg):
     with pytest.raises(SystemExit, match="^error: bad config: .*" + re_escape(msg)):
@@ -1184,6 +1190,45 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
             run(*argv)
 
 
+class RunsCode:
+    """pickled as a call of os.getpid: a torch.load that unpickles freely would run that call"""
+    def __reduce__(self):
+        return os.getpid, ()
+
+
+def test_checkpoints_are_read_without_running_code_and_outputs_keep_other_files(tmp_path):
+    # a .pt from elsewhere is read as weights only: an object that runs code is refused
+    torch.save({"kind": "bright", "config": {}, "x": RunsCode()}, tmp_path / "code.pt")
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+        bright.read_checkpoint(str(tmp_path / "code.pt"), "bright")
+    torch.save({"kind": "bright"}, tmp_path / "noconfig.pt")      # no config at all: one line too
+    with pytest.raises(SystemExit, match="has a config this code's Config cannot build"):
+        bright.load_checkpoint(str(tmp_path / "noconfig.pt"))
+    # key codes replace only key codes: a file with no kind (a user's own tensors, notes) stays
+    torch.save({"a": torch.ones(2)}, tmp_path / "mine.pt")
+    (tmp_path / "notes.pt").write_text("notes")
+    for p in (tmp_path / "mine.pt", tmp_path / "notes.pt"):
+        with pytest.raises(SystemExit, match="exists and is not a bright-codes file: choose another --out"):
+            bright.check_overwrite(str(p), "bright-codes")
+    for name in ("grid.PNG", "grid.Jpeg"):                      # an extension in capitals: the same format
+        bright.check_image_out(str(tmp_path / name))
+
+
+def test_each_process_takes_its_node_local_gpu(monkeypatch):
+    # torchrun numbers processes over all nodes (RANK) and on each node (LOCAL_RANK): on the
+    # second of two 4-GPU nodes, process 5 runs on that node's GPU 1 (there is no GPU 5)
+    for k, v in dict(RANK="5", LOCAL_RANK="1", WORLD_SIZE="8").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(bright, "pick_device", lambda name: torch.device("cuda"))
+    taken = []
+    monkeypatch.setattr(torch.cuda, "set_device", taken.append)
+    monkeypatch.setattr(bright.dist, "is_initialized", lambda: True)      # as if joined already
+    monkeypatch.setattr(bright.dist, "get_rank", lambda: 5)
+    monkeypatch.setattr(bright.dist, "get_world_size", lambda: 8)
+    assert bright.setup_distributed("cuda") == (5, 8, torch.device("cuda", 1))
+    assert taken == [torch.device("cuda", 1)]
+
+
 def white_data(root):
     """16x16 all-white images: 4 to train on, 2 to validate"""
     for split, n in (("train", 4), ("val", 2)):
@@ -1473,6 +1518,49 @@ def test_vq_ema_moves_an_entry_toward_its_assigned_mean():
     for _ in range(200):                          # but dead ones collapse towards 0 once their count,
         vq(z); vq.ema_step()                      # decaying by 0.9 a step, nears eps (~115 steps)
     assert vq.codebook[1:].norm(dim=1).max() < 0.1 * before[1:].norm(dim=1).min()
+
+
+def test_vq_commitment_pulls_the_encoder_by_beta():
+    # the commitment term beta ||z - sg(e)||^2 (VQ-VAE eq. 3) moves the encoder vectors toward
+    # their entries, not the entries: d/dz = 2 (z - e) / numel, scaled by beta in the model
+    torch.manual_seed(0)
+    vq = bright.VectorQuantizer(16, 4).eval()
+    vq.codebook.normal_()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    _, idx, commit = vq(z)
+    commit.backward()
+    e = vq.codebook[idx].permute(0, 3, 1, 2)                             # (2, 4, 3, 3)
+    assert torch.allclose(z.grad, 2 * (z - e).detach() / z.numel(), atol=1e-7)   # float32 rounding of ~0.1
+    commits = []
+    for beta in (0.25, 1.0):
+        torch.manual_seed(0)
+        m = BRIGHT(bright.Config(**{**MICRO, "bottleneck": "vq", "codebook_size": 16, "commitment": beta}))
+        commits.append(m(torch.zeros(1, 3, 16, 16))[2].item())           # same weights, same vectors
+    assert commits[1] == pytest.approx(4 * commits[0], rel=1e-6) and commits[0] > 0
+
+
+def test_vq_ema_step_smooths_counts_and_restarts_only_dead_entries():
+    # VQ-VAE appendix A.1 with Laplace-smoothed counts: N_i <- (N_i + eps) / (n + K eps) * n,
+    # entry_i = embed_sum_i / N_i. Counts of order eps make the smoothing matter (40% here)
+    vq = bright.VectorQuantizer(3, 2, decay=0.5).train()
+    vq.cluster_size.copy_(torch.tensor([4e-5, 2e-5, 2e-5]))
+    vq.embed_sum.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    vq.pending = (torch.zeros(3), torch.zeros(3, 2), torch.zeros(1, 2))   # nothing assigned this step
+    vq.ema_step()
+    N, eps = torch.tensor([2e-5, 1e-5, 1e-5], dtype=torch.float64), 1e-5
+    size = (N + eps) / (N.sum() + 3 * eps) * N.sum()
+    want = torch.tensor([[0.5, 1.0], [1.5, 2.0], [2.5, 3.0]], dtype=torch.float64) / size[:, None]
+    assert torch.allclose(vq.codebook.double(), want, rtol=1e-5)         # float32 buffers
+    # --set '{"codebook_restart": true}': an entry whose count decayed below 1e-3 is re-seeded
+    # from the step's vectors; the entries in use keep their EMA
+    vq = bright.VectorQuantizer(3, 2, decay=0.5, restart=True).train()
+    vq.cluster_size.copy_(torch.tensor([4.0, 6.0, 0.0]))
+    vq.embed_sum.copy_(torch.tensor([[4.0, 4.0], [6.0, 0.0], [1.0, 1.0]]))
+    vq.pending = (torch.tensor([4.0, 6.0, 0.0]), torch.tensor([[4.0, 4.0], [6.0, 0.0], [0.0, 0.0]]),
+                  torch.tensor([[7.0, 9.0]]))
+    vq.ema_step()
+    assert torch.allclose(vq.codebook[:2], torch.tensor([[1.0, 1.0], [1.0, 0.0]]), atol=1e-5)  # eps's shift
+    assert vq.codebook[2].tolist() == [7.0, 9.0] and vq.cluster_size[2] == 1
 
 
 def test_codebook_usage_and_perplexity_hand_cases():
