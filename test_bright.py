@@ -2726,9 +2726,11 @@ def test_files_name_each_other_by_absolute_paths(world, tmp_path, monkeypatch, c
     # BRIGHT trained on since: other weights, the same architecture -> the weights warning, not
     # the config one (max_iters is the one field that changed)
     shutil.copytree(b8.parent, tmp_path / "b")
-    diff_run("train", "--bright-ckpt", tmp_path / "b" / "bright.pt", "--data", data, "--out", tmp_path / "run2",
-             "--max-iters", 1, "--batch-size", 2, "--set", '{"timesteps": 20}')
-    bright_run("train", "--out", tmp_path / "b", "--resume", "--max-iters", 2)
+    diff_run("train", "--bright-ckpt", tmp_path / "b" / "bright.pt", "--data", os.path.relpath(data),
+             "--out", tmp_path / "run2", "--max-iters", 1, "--batch-size", 2, "--set", '{"timesteps": 20}')
+    assert torch.load(tmp_path / "run2" / "ddpm.pt", weights_only=True)["data"] == str(data)  # absolute
+    bright_run("train", "--out", tmp_path / "b", "--resume", "--max-iters", 2, "--data", os.path.relpath(data))
+    assert torch.load(tmp_path / "b" / "bright.pt", weights_only=True)["data"] == str(data)  # absolute
     capsys.readouterr()
     diff_run("sample", "--ckpt", tmp_path / "run2" / "ddpm.pt", "--n", 1, "--out", "s.png")
     out = capsys.readouterr().out
@@ -2770,6 +2772,7 @@ def test_bad_inputs(world, tmp_path, capsys):
         (["sample", "--ckpt", ok / "ddpm.pt", "--sampler", "ddpm", "--steps", 10, "--out", tmp_path / "s.png"],
          "--steps and --eta are DDIM's"),
         (["neighbors", "--ckpt", ok / "ddpm.pt", "--k", 0], "--k must be at least 1"),
+        (["neighbors", "--ckpt", ok / "ddpm.pt", "--n-stats", 0], "--n-stats must be at least 1, got 0"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"width": 33}'], "width must be even"),
         ([*train_args(world, tmp_path / "x", 1), "--batch-size", 0], "batch_size must be > 0, got 0"),
         ([*train_args(world, tmp_path / "x", 1), "--lr", -1], "lr must be > 0, got -1"),
@@ -2836,6 +2839,18 @@ def test_diffusion_trains_on_codes_in_minus_one_one_with_fresh_draws_each_step(w
     (x1, t1, e1), (x2, t2, e2) = seen
     assert not torch.equal(t1, t2) and not torch.equal(e1, e2)
     assert torch.load(tmp_path / "d" / "ddpm.pt", weights_only=True)["optimizer"]["param_groups"][0]["weight_decay"] == 0
+
+
+def test_sampling_checks_eta_and_the_bright_models_key_code_shape(world):
+    # --eta 1 (DDIM with DDPM's amount of noise) is in range, 1.5 is not
+    flags = lambda eta: argparse.Namespace(sampler="ddim", steps=None, eta=eta, seed=0)
+    diffusion.check_sampler_flags(flags(1.0))
+    with pytest.raises(SystemExit, match=r"--eta must be in \[0, 1\]"):
+        diffusion.check_sampler_flags(flags(1.5))
+    # a BRIGHT model whose key codes have the DDPM's channels but another size: refused
+    _, _, b8, _ = world
+    with pytest.raises(SystemExit, match="makes 8x8x8 key codes, but the diffusion model was trained on 8x16x16"):
+        diffusion.load_bright(str(b8), "cpu", argparse.Namespace(z_channels=8, z_size=16))
 
 
 def test_generate_maps_samples_to_key_codes_in_batches(monkeypatch):
@@ -2932,6 +2947,8 @@ def test_a_resumed_ddpm_refuses_other_key_codes(tmp_path):
     diffusion.main(["train", "--codes", str(tmp_path / "a.pt"), "--out", out, "--resume", "--max-iters", "2",
                     "--device", "cpu"])
     assert torch.load(os.path.join(out, "ddpm.pt"), weights_only=True)["step"] == 2
+    # a run's last step is logged whatever --log-every (100 here): the curve reaches its end
+    assert bright.read_log(out, "ddpm_log.csv", diffusion.LOG_COLUMNS)["iteration"] == [1, 2]
 
 
 def ddpm_checkpoint(path, **records):
