@@ -874,6 +874,14 @@ def test_shapes_prepare_records_its_settings(tmp_path):
     assert not shapes.is_prepared(str(tmp_path), **{**shapes.HARD, "radius": (0.12, 0.31)})
     kinds = json.load(open(tmp_path / "train" / "kinds.json"))
     assert len(kinds) == 2 and all(1 <= len(k) <= 3 and set(k) <= set(shapes.KINDS) for k in kinds)
+    counts = set()                                     # --max-shapes 3: one to three shapes, each drawn
+    for i in range(30):
+        shapes.make_image(0, 0, i, 16, **{**shapes.HARD, "kinds": (k := [])})
+        counts.add(len(k))
+    assert counts == {1, 2, 3}
+    shutil.rmtree(tmp_path / "val")                    # a split gone since: not prepared
+    assert not shapes.is_prepared(str(tmp_path))
+    shapes.prepare(str(tmp_path), n_train=2, n_val=1, size=16, quiet=True, **shapes.HARD)
     # the command line: --hard sets the defaults, a flag given as well wins
     subprocess.run([sys.executable, shapes.__file__, "--hard", "--max-shapes", "2", "--n-train", "1", "--n-val", "1",
                     "--size", "16", "--root", str(tmp_path)], check=True, capture_output=True)
@@ -950,13 +958,18 @@ def test_ctrl_c_outside_training_is_one_line():
 def test_prepare_scripts_check_their_arguments(tmp_path):
     (tmp_path / "afile").write_text("x")
     here = os.path.dirname(os.path.abspath(__file__))
-    for script, argv, msg in [("shapes", ["--seed", "-1"], "--seed must be at least 0"),
+    new = ["--root", tmp_path / "new"]          # where a check that let it through would write
+    for script, argv, msg in [("shapes", ["--seed", "-1", *new], "--seed must be at least 0"),
+                              ("shapes", ["--n-train", "0", *new], "--n-train must be at least 1"),
+                              ("shapes", ["--size", "8", *new], "--size must be at least 16"),
+                              ("shapes", ["--radius", "0.3", "0.6", *new], "--radius LO HI needs 0 < LO <= HI <= 0.5"),
                               ("shapes", ["--root", tmp_path / "afile"], "cannot make that folder (File exists)"),
                               ("shapes", ["--root", tmp_path / "afile" / "sub"], "cannot make that folder"),
                               ("ffhq", ["--src", tmp_path, "--root", tmp_path / "afile"], "cannot make that folder")]:
         r = subprocess.run([sys.executable, os.path.join(here, "data", script, "prepare.py"), *map(str, argv)],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1], (script, argv, r.stderr[-500:])
+    assert not (tmp_path / "new").exists()
 
 
 def run(*argv):
