@@ -1163,26 +1163,28 @@ def out_beside(args, name):
 
 def load_for_command(args, train=False):
     """the checkpoint's model on the device, and its data: the validation images, and with
-    train=True the training images too"""
+    train=True the training images too, for key codes: a VQ model is refused before reading them"""
     device = pick_device(args.device)
     check_backend(args.backend, device)
     model, cfg, ckpt = load_checkpoint(args.ckpt, device)
     model.backend = args.backend
+    if train:
+        require_key_codes(cfg.bottleneck, args.ckpt)
     data = args.data or recorded(ckpt, "data", args.ckpt, "--data") or DEFAULT_DATA
     train_x, val_x = load_dataset(data, cfg.image_size, train)
     return model, cfg, ckpt, device, data, train_x, val_x
 
 
 def cmd_eval(args):
-    model, cfg, ckpt, device, _, _, val_x = load_for_command(args)
-    if args.quantize_bits and cfg.bottleneck != "hash":
-        fail("--quantize-bits quantizes key codes: it needs a hash-bottleneck checkpoint")
-    try:
+    try:  # the flags before the data: a typo is one line at once, not after reading the images
         bits = sorted({int(b) for b in args.quantize_bits.split(",")}) if args.quantize_bits else []
     except ValueError:
         bits = [0]
     if any(not 1 <= b <= 24 for b in bits):
         fail(f"--quantize-bits takes a comma-separated list of bit counts in 1..24, not {args.quantize_bits!r}")
+    model, cfg, ckpt, device, _, _, val_x = load_for_command(args)
+    if bits and cfg.bottleneck != "hash":
+        fail("--quantize-bits quantizes key codes: it needs a hash-bottleneck checkpoint")
     lp, lp_why = lpips_metric(device) if args.lpips else (None, None)
     p, s, z, *l = evaluate(model, val_x, device, lpips=lp)
     r = {"checkpoint": args.ckpt, "step": ckpt["step"], "bottleneck": cfg.bottleneck, "images": len(val_x),
@@ -1236,7 +1238,6 @@ def cmd_encode(args):
     args.out = out_beside(args, "codes.pt")
     check_overwrite(args.out, "bright-codes")
     model, cfg, ckpt, device, data, train_x, val_x = load_for_command(args, train=True)
-    require_key_codes(cfg.bottleneck, args.ckpt)
     codes = [encode_images(model, d, device) for d in (train_x, val_x)]
     # where they come from, for diffusion.py: the model that decodes them, the images (neighbors)
     atomic_save({"kind": "bright-codes", "codes": codes[0], "val_codes": codes[1],

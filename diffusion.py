@@ -396,7 +396,19 @@ def train(args, on_step=None):
     else:
         bright_path = args.bright_ckpt or (recorded(ckpt, "bright_ckpt", path, "--bright-ckpt") if ckpt
                                            else DEFAULT_BRIGHT)
-        bright, bcfg, bckpt = load_bright(bright_path, device)
+        bright, bcfg, bckpt = load_bright(bright_path, device, cfg if ckpt else None)
+    # the codes (or the model that will make them) fix C_z and H_z: asking for others is a
+    # mistake, and a new run's config is checked here, before a whole dataset is encoded
+    C, H = codes.shape[1:3] if codes_path else (bcfg.z_channels, bcfg.z_size)
+    for k, v in (("z_channels", C), ("z_size", H)):
+        if asked.get(k, v) != v:
+            fail(f"--set {k} {asked[k]}: the key codes have {k} {v} ({C}x{H}x{H})")
+    if not ckpt:
+        cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
+        check_run_flags(args, 0, cfg.max_iters, path)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
+    if not codes_path:
         data = (args.data or recorded(ckpt, "data", path, "--data")
                 or recorded(bckpt, "data", bright_path, "--data") or DEFAULT_DATA)
         images, _ = load_dataset(data, bcfg.image_size)
@@ -404,10 +416,7 @@ def train(args, on_step=None):
         codes, bright_cfg, bright_fp = encode_images(bright, images, device), bckpt["config"], fingerprint(bckpt["ema"])
         say(f"encoded {len(images)} training images of {data} with {bright_path} in {time.time() - t0:.1f} s")
         del bright, images
-    N, C, H, _ = codes.shape
-    for k, v in (("z_channels", C), ("z_size", H)):  # the codes fix them: asking for others is a mistake
-        if asked.get(k, v) != v:
-            fail(f"--set {k} {asked[k]}: the key codes have {k} {v} ({C}x{H}x{H})")
+    N = len(codes)
     if ckpt:
         check_codes(codes, "the training codes", cfg)
         if None not in (ckpt.get("bright_fingerprint"), bright_fp) and ckpt["bright_fingerprint"] != bright_fp:
@@ -420,11 +429,6 @@ def train(args, on_step=None):
                                   or not torch.allclose(codes[:len(probe)].float(), probe.float(), atol=1e-3)):
             fail(f"the training key codes ({codes_path or data}) are not those {path} was trained on; "
                  f"resume with the same --codes, or --data and --bright-ckpt")
-    else:  # the codes fix C_z and H_z
-        cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
-        check_run_flags(args, 0, cfg.max_iters, path)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     amp = autocast(device, args.dtype)
     say(f"key codes: {N} x {C}x{H}x{H}, mean {codes.mean():.3f}, std {codes.std():.3f}")

@@ -1614,8 +1614,8 @@ def test_vq_training_eval_and_compare(micro, data16, tmp_path, capsys):
     assert r["code_bits_per_image"] == 4 * 4 * 5          # 4x4 indices of log2(32) bits
     with pytest.raises(SystemExit, match="hash-bottleneck"):
         run("eval", "--ckpt", v / "bright.pt", "--data", data16, "--quantize-bits", "4")
-    with pytest.raises(SystemExit, match="VQ model"):
-        run("encode", "--ckpt", v / "bright.pt", "--data", data16, "--out", tmp_path / "codes.pt")
+    with pytest.raises(SystemExit, match="VQ model"):  # before it reads the images (--data that is not there)
+        run("encode", "--ckpt", v / "bright.pt", "--data", tmp_path / "no_data", "--out", tmp_path / "codes.pt")
     with pytest.raises(SystemExit, match="VQ model"):  # nor does diffusion.py train on its encoder vectors
         diffusion.main(["train", "--bright-ckpt", str(v / "bright.pt"), "--data", str(data16), "--out",
                         str(tmp_path / "d"), "--device", "cpu"])
@@ -1666,9 +1666,9 @@ def test_eval_quantize_bits_and_lpips(micro, data16, tmp_path, capsys):
         assert isinstance(r["lpips"], float) or r["lpips"].startswith("skipped: torchvision's AlexNet weights")
     except ImportError:
         assert r["lpips"].startswith("skipped: the lpips package is not installed")
-    for bad in ("0", "x", "2,40"):
+    for bad in ("0", "x", "2,40"):  # refused before the images are read (--data that is not there)
         with pytest.raises(SystemExit, match="quantize-bits"):
-            run("eval", "--ckpt", tmp_path / "bright.pt", "--data", data16, "--quantize-bits", bad)
+            run("eval", "--ckpt", tmp_path / "bright.pt", "--data", tmp_path / "no_data", "--quantize-bits", bad)
 
 
 # ----------------------------------------------------------------------------- distributed, accumulation, precision
@@ -2770,7 +2770,8 @@ def test_bad_inputs(world, tmp_path, capsys):
         (["train", "--codes", codes_file("odd.pt", torch.rand(4, 8, 5, 5)), "--out", tmp_path / "x"], "cannot be halved"),
         (["train", "--codes", codes_file("c4.pt", torch.rand(4, 4, 8, 8)), "--out", ok, "--resume", "--max-iters", 2],
          r"key codes are \(4, 8, 8\) .* expects \(8, 8, 8\)"),
-        (["train", "--bright-ckpt", b4, "--data", data, "--out", ok, "--resume", "--max-iters", 2], r"expects \(8, 8, 8\)"),
+        (["train", "--bright-ckpt", b4, "--data", data, "--out", ok, "--resume", "--max-iters", 2],
+         r"makes 4x8x8 key codes, but the diffusion model was trained on 8x8x8"),
         (["train", "--codes", tmp_path / "range.pt", "--data", data], "not both"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"widht": 8}'], "unknown config field.*widht"),
         ([*train_args(world, ok, 1), "--resume", "--set", '{"lr": 0.1}'], "keeps its checkpoint's config"),
@@ -2816,10 +2817,17 @@ def test_bad_inputs(world, tmp_path, capsys):
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             diff_run(*argv)
     assert not (tmp_path / "s.png").exists()
-    capsys.readouterr()  # a resumed run refuses a flag before it encodes the images (hours for FFHQ)
-    with pytest.raises(SystemExit, match="other settings"):
-        diff_run(*train_args(world, ok, 2), "--resume", "--lr", 0.5)
-    assert "encoded" not in capsys.readouterr().out
+    # a flag, a config or a BRIGHT model the run refuses is refused before it encodes the images
+    # (hours for FFHQ): new runs and resumed ones
+    for argv, msg in [((*train_args(world, ok, 2), "--resume", "--lr", 0.5), "other settings"),
+                      ((*train_args(world, ok, 2), "--resume", "--bright-ckpt", b4), "makes 4x8x8 key codes"),
+                      ((*train_args(world, tmp_path / "x", 1), "--set", '{"width": 33}'), "width must be even"),
+                      ((*train_args(world, tmp_path / "x", 1), "--set", '{"z_channels": 4}'), "have z_channels 8"),
+                      ((*train_args(world, tmp_path / "x", 1), "--batch-size", 3, "--grad-accum", 2), "multiple of")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit, match=msg):
+            diff_run(*argv)
+        assert "encoded" not in capsys.readouterr().out
 
 
 def test_command_line_error_is_one_line(tmp_path):
