@@ -642,13 +642,18 @@ def lpips_metric(device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def check_out_folder(folder, what="--out"):
-    """an output folder, made now: a file in its way is one line before the work, not a
+def check_out_folder(folder, what="--out", files=()):
+    """an output folder, made now, and the names of the files a command writes there: a file in
+    the folder's way, or a folder by one of those names, is one line before the work, not a
     traceback at the end of a run (or at its first checkpoint)"""
     try:
         os.makedirs(folder or ".", exist_ok=True)
     except OSError as e:
         fail(f"{what} {folder!r}: cannot make that folder ({e.strerror}: {e.filename})")
+    for name in files:
+        if os.path.isdir(os.path.join(folder or ".", name)):
+            fail(f"{what} {folder!r} holds a folder named {name}, where the command writes its {name}: "
+                 f"move it, or choose another {what}")
 
 
 def check_out_file(path, what="--out"):
@@ -1016,7 +1021,7 @@ def train(args, on_step=None):
         if os.path.exists(path):
             fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
         cfg = make_config(args.preset or "tiny", **asked)
-        check_out_folder(out)
+    check_out_folder(out, files=("log.csv", "recon.png"))
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
@@ -1331,7 +1336,7 @@ def cmd_compare(args):
     """runs side by side: a markdown table, PSNR-vs-iteration curves, reconstructions"""
     if args.n < 1:
         fail(f"--n must be at least 1, got {args.n}")
-    check_out_folder(args.out)
+    check_out_folder(args.out, files=("curves.png", "recon.png"))
     device = pick_device(args.device)
     check_backend(args.backend, device)
     logs = [read_log(run) for run in args.runs]  # every run's files before the work

@@ -368,7 +368,7 @@ def train(args, on_step=None):
     ckpt = read_checkpoint(path, "ddpm", "nothing to resume") if args.resume else None
     if not ckpt and os.path.exists(path):
         fail(f"{path} exists: pass --resume to continue it, or --out DIR for a new run")
-    check_out_folder(args.out)
+    check_out_folder(args.out, files=("ddpm_log.csv",))
     flags = dict(max_iters=args.max_iters, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                  seed=args.seed)
     asked = {**parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}  # flags win over --set

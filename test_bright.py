@@ -1201,6 +1201,15 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
                       (("compare", out, "--out", afile), "cannot make that folder")]:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             run(*argv)
+    # a folder by the name of a file the command writes there: one line now, not a traceback at
+    # the first log line or grid (train) or at the end (compare)
+    for name, argv in [("log.csv", ("train", "--preset", "micro", "--data", data16, "--max-iters", 1)),
+                       ("recon.png", ("train", "--preset", "micro", "--data", data16, "--max-iters", 1)),
+                       ("curves.png", ("compare", out, out))]:
+        (tmp_path / f"in_{name}" / name).mkdir(parents=True)
+        with pytest.raises(SystemExit, match=f"^error: --out .*holds a folder named {name}, where the command writes"):
+            run(*argv, "--out", tmp_path / f"in_{name}")
+        assert not (tmp_path / f"in_{name}" / "bright.pt").exists()
 
 
 class RunsCode:
@@ -2757,6 +2766,8 @@ def test_bad_inputs(world, tmp_path, capsys):
     afile, folder_png = tmp_path / "afile", tmp_path / "folder.png"
     afile.write_text("a file where a folder is needed")
     folder_png.mkdir()
+    log_folder = tmp_path / "in_log" / "ddpm_log.csv"
+    log_folder.mkdir(parents=True)
 
     def codes_file(name, codes, kind="bright-codes"):
         torch.save({"kind": kind, "codes": codes, "val_codes": codes, "bright_ckpt": str(b8), "config": {}}, tmp_path / name)
@@ -2807,6 +2818,7 @@ def test_bad_inputs(world, tmp_path, capsys):
         (["sample", "--ckpt", ok / "ddpm.pt", "--seed", 2 ** 32, "--out", tmp_path / "s.png"], r"--seed must be in"),
         # output paths: checked before the work, not at its end (or at the first checkpoint)
         ([*train_args(world, afile, 1)], "--out .*afile.*: cannot make that folder"),
+        ([*train_args(world, log_folder.parent, 1)], "holds a folder named ddpm_log.csv"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", afile / "s.png"], "cannot make that folder"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", tmp_path / "s.pgm"], "needs an image file extension"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--out", ok], "needs an image file extension"),
