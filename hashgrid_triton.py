@@ -52,6 +52,7 @@ imports triton (tests only; far too slow to train).
 """
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -655,4 +656,8 @@ def _benchmark():
 
 
 if __name__ == "__main__":
-    _benchmark()
+    try:
+        _benchmark()
+    except KeyboardInterrupt:  # Ctrl-C: the rows printed so far stand; one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

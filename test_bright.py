@@ -36,6 +36,11 @@ from hashgrid_triton import GridSpec, cell_and_frac, grid_lookup, grid_lookup_fa
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
+# the Ctrl-C tests need Python's usual SIGINT handling, here and in the processes they start;
+# a shell without job control starts background jobs (`pytest &`) with SIGINT ignored
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # ----------------------------------------------------------------------------- lookup: strategies
 
@@ -953,6 +958,19 @@ def test_ctrl_c_outside_training_is_one_line():
                         "bright.cli(lambda: os.kill(os.getpid(), signal.SIGINT) or __import__('time').sleep(5))"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(bright.__file__)))
     assert (r.returncode, r.stderr) == (130, "interrupted\n")
+
+
+def test_ctrl_c_in_the_lookup_benchmark_is_one_line():
+    # python hashgrid_triton.py, stopped once it has started timing: the rows so far, then one line
+    p = subprocess.Popen([sys.executable, "-u", "hashgrid_triton.py"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=os.path.dirname(os.path.abspath(bright.__file__)))
+    try:
+        first = p.stdout.readline()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # (a no-op once it has ended)
+    assert first.startswith("device: CPU") and (p.returncode, err) == (130, "interrupted\n"), err[-500:]
 
 
 def test_prepare_scripts_check_their_arguments(tmp_path):
