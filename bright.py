@@ -454,8 +454,10 @@ def list_images(root):
             continue
         paths += [os.path.join(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
     paths.sort()
-    if not paths:
-        fail(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) found under {root!r}")
+    if not paths:  # data/ffhq before its prepare.py has run, say
+        prepare = os.path.join(root, "prepare.py")
+        fail(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}) found under {root!r}"
+             + (f": run python {prepare} first (-h for its arguments)" if os.path.isfile(prepare) else ""))
     return paths
 
 

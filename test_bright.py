@@ -765,7 +765,8 @@ def test_loader_splits_readable_files_skips_run_folders_and_reads_what_it_needs(
 
 @pytest.mark.parametrize("setup,msg", [
     (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), "no images"),
+    (lambda d: d.mkdir(), r"no images \(png/jpg/jpeg/webp/bmp\) found under '[^']*'$"),
+    (lambda d: (d.mkdir(), (d / "prepare.py").write_text("")), r"no images .*: run python .*prepare.py first"),
     (lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"junk")), "could be read"),
 ])
 def test_loader_errors(tmp_path, setup, msg):
