@@ -695,6 +695,32 @@ def test_info_prints_what_the_readme_shows(capsys):
     assert out == block
 
 
+def test_readme_commands_parse(tmp_path):
+    """Every command in the README's bash blocks, run by bash with python, torchrun, pip and
+    pytest recording their arguments instead of running: each bright.py / diffusion.py command
+    line parses and its --set makes a config (with its --preset); a prepare.py's flags are in its
+    -h. A renamed flag, preset or config field fails here rather than for a reader."""
+    blocks = re.findall(r"```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)
+    rec = tmp_path / "calls"
+    shims = (f"python() {{ printf '%s\\x1f' \"$@\" >> {rec}; echo >> {rec}; }}\n"
+             "torchrun() { while [[ $1 == --* ]]; do shift; done; python \"$@\"; }\n"  # its own flags: --x=y
+             "pip() { :; }; pytest() { :; }\n")
+    subprocess.run(["bash", "-euc", shims + "\n".join(blocks) + "\nwait"], check=True, cwd=tmp_path)
+    calls = [line.split("\x1f")[:-1] for line in rec.read_text().splitlines()]
+    assert len(calls) >= 20 and {c[0] for c in calls} == {"bright.py", "diffusion.py", "hashgrid_triton.py",
+                                                          "data/shapes/prepare.py"}
+    for script, *argv in calls:
+        if script in ("bright.py", "diffusion.py"):
+            mod = bright if script == "bright.py" else diffusion
+            a = mod.parser().parse_args(argv)  # argparse: exit status 2 and the bad flag on stderr
+            if a.cmd == "train":
+                mod.make_config(a.preset or "tiny", **bright.parse_set(a.set))
+        elif script.endswith("prepare.py"):
+            usage = subprocess.run([sys.executable, os.path.join(HERE, script), "-h"], capture_output=True,
+                                   text=True, check=True).stdout
+            assert all(f in usage for f in argv if f.startswith("--")), (script, argv)
+
+
 # ----------------------------------------------------------------------------- data and errors
 
 def write_images(folder, n, size=20, start=0, **kw):
