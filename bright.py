@@ -1040,6 +1040,9 @@ def train(args, on_step=None):
         dist.barrier()
     train_x, val_x = load_dataset(data, cfg.image_size)
     say(f"data: {len(train_x)} training, {len(val_x)} validation images from {data} at {cfg.image_size}^2")
+    if not args.preset and not ckpt and data_record(data) != BUILTIN_DATA:  # `train --data data/ffhq`, say
+        say(f"note: no --preset, so the tiny one ({cfg.image_size}^2, a laptop's model); "
+            "--preset ffhq256 or church256 trains the paper's models at 256^2")
 
     torch.manual_seed(cfg.seed)
     model = BRIGHT(cfg).to(device)

@@ -1162,7 +1162,12 @@ def test_gan_term_starts_at_gan_start(micro, data16, tmp_path, capsys):
 
 def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     out = tmp_path / "o"
+    # `train --data DIR` with no --preset trains the tiny preset, and says so (not the paper's)
+    run("train", "--data", data16, "--out", tmp_path / "t", "--max-iters", 1)
+    assert "note: no --preset, so the tiny one (64^2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "t" / "bright.pt", weights_only=True)["config"]["image_size"] == 64
     run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
+    assert "no --preset" not in capsys.readouterr().out
     ck = out / "bright.pt"
     with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run silently
         run("train", "--preset", "micro", "--data", data16, "--out", out, "--max-iters", 2)
@@ -1180,7 +1185,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     seconds = torch.load(ck, weights_only=True)["seconds"]
     capsys.readouterr()
     run("train", "--out", out, "--resume", "--max-iters", 4)
-    assert f"from {data16}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"from {data16}" in said and "no --preset" not in said  # a resumed run: its checkpoint's config
     other = tmp_path / "other_data"
     write_images(other / "train", 4, size=16); write_images(other / "val", 2, size=16, start=10)
     run("train", "--out", out, "--resume", "--max-iters", 5, "--data", other)
