@@ -406,6 +406,10 @@ def train(args, on_step=None):
     if not ckpt:
         cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
         check_run_flags(args, 0, cfg.max_iters, path)
+        big = PRESETS["bright16"]
+        if not args.preset and (C, H) == (big["z_channels"], big["z_size"]):  # ffhq256's key codes
+            say(f"note: no --preset, so the tiny UNet (width {cfg.width}); "
+                f"--preset bright16 is the paper's for these {C}x{H}x{H} key codes")
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     if not codes_path:

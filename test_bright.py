@@ -3033,6 +3033,19 @@ def test_a_resumed_ddpm_refuses_other_key_codes(tmp_path):
     assert bright.read_log(out, "ddpm_log.csv", diffusion.LOG_COLUMNS)["iteration"] == [1, 2]
 
 
+def test_ddpm_train_without_preset_says_which_unet(tmp_path, capsys):
+    """key codes of ffhq256's shape (16x16x16) with no --preset: the tiny UNet trains, and a note
+    names the paper's (bright16); with --preset, or codes of another shape, no note"""
+    def say(out, *flags, shape=(16, 16, 16)):
+        diffusion.main(["train", "--codes", codes_file(tmp_path / f"{out}.pt", torch.rand(4, *shape)),
+                        "--out", str(tmp_path / out), "--max-iters", "1", *SMALL_DDPM, *flags, "--device", "cpu"])
+        return capsys.readouterr().out
+    assert "note: no --preset, so the tiny UNet (width 16); --preset bright16 is the paper's for these " \
+           "16x16x16 key codes" in say("a")
+    assert "no --preset" not in say("b", "--preset", "bright16")
+    assert "no --preset" not in say("c", shape=(4, 4, 4))
+
+
 def ddpm_checkpoint(path, **records):
     """a DDPM checkpoint written by hand (no training) over the micro model's 4x4x4 key codes,
     with what it records of its BRIGHT model (bright_ckpt, bright_config, bright_fingerprint)"""
