@@ -243,8 +243,9 @@ PRESETS = {
     # 16x16x4 key codes of the shapes data (BRIGHT's tiny preset), on 2 CPU cores in ~10 minutes:
     # width 32 over three resolutions (16, 8, 4), attention at 4x4
     "tiny": {},
-    # BRIGHT's diffusion model, for 16x16x16 key codes on a GPU: width 128, mults (1, 2, 2, 4),
-    # attention at the two lowest resolutions, lr 1e-4
+    # BRIGHT's diffusion model, for 16x16x16 key codes on a GPU (or church256's 64x64x4: train
+    # takes C_z and H_z from the codes): width 128, mults (1, 2, 2, 4), attention at the two
+    # lowest resolutions, lr 1e-4
     "bright16": dict(z_channels=16, z_size=16, width=128, mults=(1, 2, 2, 4), num_res_blocks=2, attn_lowest=2,
                      dropout=0.1, batch_size=128, lr=1e-4, warmup=1000, ema_decay=0.9999, max_iters=300_000,
                      save_every=5000),
@@ -406,10 +407,9 @@ def train(args, on_step=None):
     if not ckpt:
         cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
         check_run_flags(args, 0, cfg.max_iters, path)
-        big = PRESETS["bright16"]
-        if not args.preset and (C, H) == (big["z_channels"], big["z_size"]):  # ffhq256's key codes
-            say(f"note: no --preset, so the tiny UNet (width {cfg.width}); "
-                f"--preset bright16 is the paper's for these {C}x{H}x{H} key codes")
+        if not args.preset and C * H * H > 4 * 16 * 16:  # larger than the tiny model's: ffhq256's, church256's
+            say(f"note: no --preset, so the tiny UNet (width {cfg.width}) for these {C}x{H}x{H} key codes; "
+                "--preset bright16 is the paper's")
     if cfg.batch_size % (world * cfg.grad_accum):
         fail(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x grad-accum ({cfg.grad_accum})")
     if not codes_path:

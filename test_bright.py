@@ -3034,16 +3034,18 @@ def test_a_resumed_ddpm_refuses_other_key_codes(tmp_path):
 
 
 def test_ddpm_train_without_preset_says_which_unet(tmp_path, capsys):
-    """key codes of ffhq256's shape (16x16x16) with no --preset: the tiny UNet trains, and a note
-    names the paper's (bright16); with --preset, or codes of another shape, no note"""
+    """key codes larger than the tiny preset's (ffhq256's 16x16x16, church256's 64x64x4) with no
+    --preset: the tiny UNet trains, and a note names the paper's (bright16); with --preset, or
+    codes no larger than 16x16x4, no note"""
     def say(out, *flags, shape=(16, 16, 16)):
         diffusion.main(["train", "--codes", codes_file(tmp_path / f"{out}.pt", torch.rand(4, *shape)),
                         "--out", str(tmp_path / out), "--max-iters", "1", *SMALL_DDPM, *flags, "--device", "cpu"])
         return capsys.readouterr().out
-    assert "note: no --preset, so the tiny UNet (width 16); --preset bright16 is the paper's for these " \
-           "16x16x16 key codes" in say("a")
+    assert "note: no --preset, so the tiny UNet (width 16) for these 16x16x16 key codes; " \
+           "--preset bright16 is the paper's" in say("a")
     assert "no --preset" not in say("b", "--preset", "bright16")
-    assert "no --preset" not in say("c", shape=(4, 4, 4))
+    assert "these 4x64x64 key codes" in say("c", shape=(4, 64, 64))
+    assert "no --preset" not in say("d", shape=(4, 16, 16))
 
 
 def ddpm_checkpoint(path, **records):
