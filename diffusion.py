@@ -407,7 +407,8 @@ def train(args, on_step=None):
     if not ckpt:
         cfg = make_config(args.preset or "tiny", **{**asked, "z_channels": C, "z_size": H})
         check_run_flags(args, 0, cfg.max_iters, path)
-        if not args.preset and C * H * H > 4 * 16 * 16:  # larger than the tiny model's: ffhq256's, church256's
+        tiny = DiffusionConfig.z_channels * DiffusionConfig.z_size ** 2  # the tiny preset is the defaults
+        if not args.preset and C * H * H > tiny:  # ffhq256's, church256's key codes
             say(f"note: no --preset, so the tiny UNet (width {cfg.width}) for these {C}x{H}x{H} key codes; "
                 "--preset bright16 is the paper's")
     if cfg.batch_size % (world * cfg.grad_accum):
