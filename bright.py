@@ -1034,7 +1034,7 @@ def train(args, on_step=None):
     was = from_record((ckpt or {}).get("data")) or args.data
     if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(was):
         say(f"note: {path} was trained on {ckpt['data']} so far; it goes on with {args.data}")
-    if not args.preset and not ckpt and data_record(data) != BUILTIN_DATA:  # `train --data data/ffhq`: said before reading
+    if not args.preset and not ckpt and data_record(data) != BUILTIN_DATA:  # `train --data data/ffhq`, before reading it
         say(f"note: no --preset, so the tiny one ({cfg.image_size}^2, a laptop's model); "
             "--preset ffhq256 or church256 trains the paper's models at 256^2")
     if data_record(data) == BUILTIN_DATA and rank == 0:
