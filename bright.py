@@ -644,12 +644,19 @@ def lpips_metric(device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+MADE = []  # the folders check_out_folder made, deepest first: cli() removes those still empty at the end
+
+
 def check_out_folder(folder, what="--out", files=()):
     """an output folder, made now, and the names of the files a command writes there: a file in
     the folder's way, or a folder by one of those names, is one line before the work, not a
     traceback at the end of a run (or at its first checkpoint)"""
+    new, p = [], os.path.abspath(folder or ".")
+    while not os.path.lexists(p):
+        new.append(p); p = os.path.dirname(p)
     try:
         os.makedirs(folder or ".", exist_ok=True)
+        MADE.extend(new)
     except OSError as e:
         fail(f"{what} {folder!r}: cannot make that folder ({e.strerror}: {e.filename})")
     for name in files:
@@ -1445,12 +1452,17 @@ def main(argv=None):
 
 def cli(main):
     """the entry point of a script: Ctrl-C outside a training loop (which saves and stops on its
-    own) ends the command with one line, not a traceback from wherever it was"""
+    own) ends the command with one line, not a traceback from wherever it was; an output folder
+    it made and left empty (an error came first: a mistyped --data, say) is removed again"""
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for d in MADE:  # deepest first; rmdir takes only an empty folder
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 if __name__ == "__main__":

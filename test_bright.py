@@ -1269,6 +1269,27 @@ class RunsCode:
         return os.getpid, ()
 
 
+def test_a_failed_command_removes_the_empty_out_folders_it_made(micro, data16, tmp_path):
+    """an error before anything is written (a mistyped --data) leaves no empty run folder
+    behind; a folder that was there before stays, and so does one the command wrote into"""
+    def cli(main, *argv):
+        main([str(a) for a in argv] + ["--device", "cpu"])
+    for main, argv, msg in [(bright.main, ("train", "--data", tmp_path / "nope", "--out", tmp_path / "a" / "b"),
+                             "does not exist"),
+                            (diffusion.main, ("sample", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "a" / "s.png"),
+                             "not found")]:
+        with pytest.raises(SystemExit, match=msg):
+            bright.cli(lambda: cli(main, *argv))
+        assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(SystemExit, match="does not exist"):
+        bright.cli(lambda: cli(bright.main, "train", "--data", tmp_path / "nope", "--out", tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir()
+    bright.cli(lambda: cli(bright.main, "train", "--preset", "micro", "--data", data16, "--out", tmp_path / "c" / "d",
+                           "--max-iters", 1))
+    assert (tmp_path / "c" / "d" / "bright.pt").is_file()
+
+
 def test_checkpoints_are_read_without_running_code_and_outputs_keep_other_files(tmp_path):
     # a .pt from elsewhere is read as weights only: an object that runs code is refused
     torch.save({"kind": "bright", "config": {}, "x": RunsCode()}, tmp_path / "code.pt")
