@@ -702,7 +702,8 @@ def test_readme_commands_parse(tmp_path):
     -h. A renamed flag, preset or config field fails here rather than for a reader."""
     blocks = re.findall(r"```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)
     rec = tmp_path / "calls"
-    shims = (f"python() {{ printf '%s\\x1f' \"$@\" >> {rec}; echo >> {rec}; }}\n"
+    # one echo, so one write: the README starts some commands with & and their lines must not interleave
+    shims = (f"python() {{ local IFS=$'\\x1f'; echo \"$*\"$'\\x1f' >> {rec}; }}\n"
              "torchrun() { while [[ $1 == --* ]]; do shift; done; python \"$@\"; }\n"  # its own flags: --x=y
              "pip() { :; }; pytest() { :; }\n")
     subprocess.run(["bash", "-euc", shims + "\n".join(blocks) + "\nwait"], check=True, cwd=tmp_path)
