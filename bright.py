@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners, triton_problem
+from hashgrid_triton import GridSpec, clamp_coords, grid_lookup, level_corners, triton_problem, triton_unfit
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")  # from any folder
 BUILTIN_DATA = "data/shapes"  # how files record DEFAULT_DATA: the built-in set of the copy that reads them
@@ -703,9 +703,10 @@ def check_overwrite(path, kind):
                  + ": choose another --out")
 
 
-def check_backend(backend, device):
-    """--backend triton where Triton cannot run: one line now, not a traceback at the first lookup"""
-    if backend == "triton" and (why := triton_problem(device)):
+def check_backend(backend, device, spec=None):
+    """--backend triton where Triton cannot run (the device, or `spec`'s grid): one line now,
+    not a traceback at the first lookup. ("auto" takes the torch path for such a grid.)"""
+    if backend == "triton" and (why := triton_problem(device) or (spec and triton_unfit(spec))):
         fail(why)
 
 
@@ -1036,7 +1037,7 @@ def train(args, on_step=None):
     check_run_flags(args, ckpt["step"] if ckpt else 0, cfg.max_iters, path)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     amp = autocast(device, args.dtype)
-    check_backend(args.backend, device)
+    check_backend(args.backend, device, cfg.grid)
     data = args.data or recorded(ckpt, "data", path, "--data") or DEFAULT_DATA  # a resumed run: its own data
     was = from_record((ckpt or {}).get("data")) or args.data
     if ckpt and args.data and os.path.realpath(args.data) != os.path.realpath(was):
@@ -1184,6 +1185,7 @@ def load_for_command(args, train=False):
     device = pick_device(args.device)
     check_backend(args.backend, device)
     model, cfg, ckpt = load_checkpoint(args.ckpt, device)
+    check_backend(args.backend, device, cfg.grid)
     model.backend = args.backend
     if train:
         require_key_codes(cfg.bottleneck, args.ckpt)
@@ -1358,6 +1360,7 @@ def cmd_compare(args):
     rows, curves, recons = [], {}, []
     for i, (run, log) in enumerate(zip(args.runs, logs)):  # one model in memory at a time
         model, cfg, ckpt = load_checkpoint(os.path.join(run, "bright.pt"), device)
+        check_backend(args.backend, device, cfg.grid)
         model.backend = args.backend
         if i == 0:  # every run on the same validation images: --data, or the first run's
             data = args.data or recorded(ckpt, "data", os.path.join(run, "bright.pt"), "--data") or DEFAULT_DATA

@@ -212,7 +212,7 @@ def grid_lookup_fast(coords, tables, spec):
 def grid_lookup(coords, tables, spec, backend="torch"):
     """coords (N, G, D) in [0,1] (clamped), tables (G, spec.num_entries, F) -> (N, G, L*F).
     backend: "torch" (fast torch path), "reference" (naive), "triton", or "auto"
-    (triton on CUDA tensors, torch otherwise)."""
+    (triton on CUDA tensors for a grid it can run, see triton_unfit; torch otherwise)."""
     if coords.dim() != 3 or coords.shape[-1] != spec.dim or coords.shape[1] != tables.shape[0]:
         raise ValueError(f"grid_lookup: coords {tuple(coords.shape)} do not match "
                          f"tables {tuple(tables.shape)} and dim {spec.dim}")
@@ -224,7 +224,7 @@ def grid_lookup(coords, tables, spec, backend="torch"):
     dtype = torch.promote_types(torch.promote_types(coords.dtype, tables.dtype), torch.float32)
     coords, tables = coords.to(dtype), tables.to(dtype)
     if backend == "auto":
-        backend = "triton" if coords.is_cuda else "torch"
+        backend = "triton" if coords.is_cuda and not triton_unfit(spec) else "torch"
     if backend == "reference":
         return grid_lookup_reference(coords, tables, spec)
     if backend == "torch":
@@ -435,6 +435,15 @@ def triton_problem(device):
     return None
 
 
+def triton_unfit(spec):
+    """why the Triton kernels cannot run `spec`'s grid, or None: the corner loop is unrolled for
+    up to 4 dimensions and a corner's F features are one vector load (a power of 2)"""
+    if spec.dim > 4 or spec.features & (spec.features - 1) or spec.features > 64:
+        return (f"the Triton kernels need D <= 4 and F a power of 2 up to 64, got D={spec.dim}, "
+                f"F={spec.features}: use --backend torch")
+    return None
+
+
 def _level_meta(spec, device):
     """Per-level (resolution, offset, dense) as int32 tensors on the device, cached."""
     key = (spec, str(device))
@@ -451,9 +460,10 @@ def _launch_args(coords, tables, spec, block):
         raise ValueError("grid_lookup_triton: coords and tables must be on the same device")
     if why := triton_problem(coords.device):
         raise RuntimeError(why)
-    if D > 4 or Fe & (Fe - 1) or Fe > 64:
-        raise ValueError(f"grid_lookup_triton: needs D <= 4 and F a power of 2, got D={D}, "
-                         f"F={Fe}")
+    if D != spec.dim:
+        raise ValueError(f"grid_lookup_triton: coords have D={D}, the spec {spec.dim}")
+    if why := triton_unfit(spec):
+        raise ValueError(f"grid_lookup_triton: {why}")
     if block < 16 or block & (block - 1):
         raise ValueError(f"grid_lookup_triton: block must be a power of 2 >= 16, got {block}")
     # int32 offsets unless some tensor has 2^31 or more elements

@@ -2083,6 +2083,24 @@ def test_grid_lookup_dispatch():
         _close(grid_lookup(coords, tables, spec, backend="auto"), ref, atol=1e-12, rtol=1e-12)
 
 
+def test_grids_the_kernels_cannot_run(micro, data16, tmp_path):
+    """F not a power of 2 or D > 4: the kernels raise, --backend triton says so in one line before
+    the work (train, and eval of such a checkpoint), and the paper's grid is one they run"""
+    assert hg.triton_unfit(make_config("ffhq256").grid) is None
+    assert hg.triton_unfit(GridSpec(5, 2, 2, 5, 2, 6)) and hg.triton_unfit(GridSpec(3, 2, 128, 5, 2, 6))
+    spec = GridSpec(3, 2, 3, 5, 2, 6)
+    coords, tables, _ = _inputs(spec, 20, 1, torch.float32, seed=5)
+    with pytest.raises(ValueError, match="F a power of 2 up to 64, got D=3, F=3"):
+        hg.grid_lookup_triton(coords, tables, spec)
+    f3 = ["--preset", "micro", "--data", data16, "--max-iters", 1, "--set", '{"features": 3}']
+    with pytest.raises(SystemExit, match="^error: the Triton kernels need .* F=3: use --backend torch"):
+        run("train", *f3, "--out", tmp_path / "t", "--backend", "triton")
+    assert not (tmp_path / "t" / "log.csv").exists()  # before the data and the log
+    run("train", *f3, "--out", tmp_path / "c")
+    with pytest.raises(SystemExit, match="^error: the Triton kernels need .* F=3"):
+        run("eval", "--ckpt", tmp_path / "c" / "bright.pt", "--backend", "triton")
+
+
 def _python(script, env_drop=("TRITON_INTERPRET",)):
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
