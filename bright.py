@@ -516,7 +516,7 @@ def load_dataset(root, size, train=True):
         return (stack(tr.values()) if train else None), stack(val.values())
     images = read_images(list_images(root), size, "image")  # read first: an unreadable file is never held out
     paths = list(images)
-    held = [zlib.crc32(os.path.relpath(p, root).encode()) % 20 == 0 for p in paths]
+    held = [zlib.crc32(os.fsencode(os.path.relpath(p, root))) % 20 == 0 for p in paths]
     if not any(held) or all(held):  # tiny folders: hold out the last image
         held = [i == len(paths) - 1 for i in range(len(paths))] if len(paths) > 1 else [False]
     tr = [images[p] for p, h in zip(paths, held) if not h]

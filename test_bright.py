@@ -731,6 +731,17 @@ def write_images(folder, n, size=20, start=0, **kw):
         Image.fromarray(rng.integers(0, 255, (size, size + 3, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
 
 
+def test_a_file_name_that_is_not_utf8_is_read_and_split(tmp_path):
+    """a name from an old archive (Latin-1 bytes): one more image, held out or not by its bytes"""
+    write_images(tmp_path, 25)
+    try:
+        os.rename(tmp_path / "003.png", os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    tr, val = bright.load_dataset(str(tmp_path), 16)
+    assert len(tr) + len(val) == 25 and len(val) >= 1
+
+
 def test_loader_modes_and_split(tmp_path, capsys):
     d = tmp_path / "imgs"
     write_images(d / "sub", 30)  # recursive; odd-sized (20x23): centre-cropped
