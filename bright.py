@@ -281,14 +281,18 @@ PRESETS = {
 }
 
 
-def parse_set(text):
-    """--set '{"lr": 0.001}': other config fields as a JSON object"""
-    try:
-        extra = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        fail(f"--set is not valid JSON ({e})")
-    if not isinstance(extra, dict):
-        fail(f"--set takes a JSON object of config fields, e.g. '{{\"lr\": 0.001}}', not {text}")
+def parse_set(texts):
+    """--set '{"lr": 0.001}', as often as wanted (a later field wins): other config fields as
+    JSON objects, -> one dict"""
+    extra = {}
+    for text in texts or ():
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"--set is not valid JSON ({e})")
+        if not isinstance(obj, dict):
+            fail(f"--set takes a JSON object of config fields, e.g. '{{\"lr\": 0.001}}', not {text}")
+        extra.update(obj)
     return extra
 
 
@@ -1420,7 +1424,7 @@ def parser():
     t.add_argument("--l1-weight", type=float, help="L1 loss weight beside the MSE (default 0)")
     t.add_argument("--gan-weight", type=float, help="patch-GAN loss weight (default 0: off)")
     t.add_argument("--seed", type=int, help="default 0")
-    t.add_argument("--set", help='other config fields as JSON, e.g. \'{"lr": 0.001}\'')
+    t.add_argument("--set", action="append", help='other config fields as JSON, e.g. \'{"lr": 0.001}\' (repeatable)')
     t.add_argument("--log-every", type=int, default=25, help="steps between log lines (default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue --out's bright.pt")
     for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table or codebook usage"),

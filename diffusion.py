@@ -673,7 +673,8 @@ def parser():
     for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
                       ("--seed", int)]:
         t.add_argument(flag, type=typ)
-    t.add_argument("--set", help='other config fields as JSON, e.g. \'{"width": 48, "mults": [1, 2]}\'')
+    t.add_argument("--set", action="append",
+                   help='other config fields as JSON, e.g. \'{"width": 48, "mults": [1, 2]}\' (repeatable)')
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     t.add_argument("--log-every", type=int, default=100)

@@ -1207,11 +1207,13 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
     assert c["data"] == str(other) and c["seconds"] > seconds
     # every run logs its first and its last step, whatever --log-every (25 here)
     assert bright.read_log(out)["iteration"] == [1, 2, 3, 4, 5]
-    # a new run: --set may name any field, a flag wins over it
+    # a new run: --set may name any field, a flag wins over it; --set twice: both, the later one wins
     run("train", "--preset", "micro", "--data", data16, "--out", tmp_path / "s", "--max-iters", 1,
-        "--set", '{"seed": 3, "batch_size": 2}', "--seed", 4)
+        "--set", '{"seed": 3, "batch_size": 2, "lr": 0.1}', "--seed", 4, "--set", '{"lr": 0.002, "l1_weight": 0.5}')
     assert {k: torch.load(tmp_path / "s" / "bright.pt", weights_only=True)["config"][k]
-            for k in ("seed", "batch_size")} == {"seed": 4, "batch_size": 2}
+            for k in ("seed", "batch_size", "lr", "l1_weight")} == {"seed": 4, "batch_size": 2, "lr": 0.002, "l1_weight": 0.5}
+    a = diffusion.parser().parse_args(["train", "--set", '{"width": 48}', "--set", '{"mults": [1, 2]}'])
+    assert bright.parse_set(a.set) == {"width": 48, "mults": [1, 2]}
     capsys.readouterr()
     run("eval", "--ckpt", ck, "--data", data16, "--json")
     r = json.loads(capsys.readouterr().out)
