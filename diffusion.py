@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_diverged, check_fields,
-                    check_image_out, check_out_folder, check_overwrite, check_run_flags, cli, config_from, data_record,
+                    check_image_out, check_out_folder, check_overwrite, check_run_flags, cli, config_from, data_record, from_record,
                     ddp_wrap, ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset,
                     load_weights, open_log, out_beside, parse_set, peak_memory, pick_device, preset_config,
                     read_checkpoint, recorded, require_key_codes, resume_config, save_grid, setup_distributed,
@@ -384,7 +384,7 @@ def train(args, on_step=None):
                                 if not (args.data or args.bright_ckpt) else None)
     if codes_path:
         d = read_checkpoint(codes_path, "bright-codes", "write one with: python bright.py encode")
-        codes, bright_cfg, data = d.get("codes"), d.get("config"), d.get("data")  # data: their images
+        codes, bright_cfg, data = d.get("codes"), d.get("config"), from_record(d.get("data"))  # data: their images
         bright_path, bright_fp = d.get("bright_ckpt"), d.get("bright_fingerprint")
         check_codes(codes, codes_path)
         if args.bright_ckpt:  # it will decode these codes at sampling time: the model that made them

@@ -2861,6 +2861,13 @@ def test_files_name_each_other_by_absolute_paths(world, tmp_path, monkeypatch, c
     diff_run("sample", "--ckpt", tmp_path / "run2" / "ddpm.pt", "--n", 1, "--out", "s.png")
     out = capsys.readouterr().out
     assert "has other weights than the BRIGHT model" in out and "another config" not in out
+    # codes of the built-in data (recorded as such, not as a path): the DDPM records the same,
+    # not data/shapes under the folder it was trained from
+    c = torch.load(tmp_path / "moved.pt", weights_only=True)
+    torch.save({**c, "data": bright.BUILTIN_DATA}, tmp_path / "builtin.pt")
+    diff_run("train", "--codes", tmp_path / "builtin.pt", "--out", tmp_path / "run3", "--max-iters", 1,
+             "--batch-size", 2, "--set", '{"timesteps": 20}')
+    assert torch.load(tmp_path / "run3" / "ddpm.pt", weights_only=True)["data"] == bright.BUILTIN_DATA
 
 
 def test_bad_inputs(world, tmp_path, capsys):
