@@ -669,6 +669,13 @@ def check_out_folder(folder, what="--out", files=()):
                  f"move it, or choose another {what}")
 
 
+def check_out_not_data(out, data):
+    """--out the image folder itself: the run's PNGs would be read as images on --resume (the
+    held-out one perhaps its own recon.png), where a run folder inside the data is left out"""
+    if os.path.realpath(out or ".") == os.path.realpath(data):
+        fail(f"--out {out!r} is the data folder, where the run's PNGs would join the images: choose another --out")
+
+
 def check_out_file(path, what="--out"):
     """an output file name: not a folder, in a folder that can be made, a name that can be written"""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
@@ -1049,6 +1056,7 @@ def train(args, on_step=None):
     if not args.preset and not ckpt and data_record(data) != BUILTIN_DATA:  # `train --data data/ffhq`, before reading it
         say(f"note: no --preset, so the tiny one ({cfg.image_size}^2, a laptop's model); "
             "--preset ffhq256 or church256 trains the paper's models at 256^2")
+    check_out_not_data(out, data)
     if data_record(data) == BUILTIN_DATA and rank == 0:
         prepare_shapes(DEFAULT_DATA)
     if world > 1:

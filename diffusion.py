@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bright import (DEFAULT_DATA, DEFAULT_OUT, atomic_save, autocast, catch_stop, check_diverged, check_fields,
-                    check_image_out, check_out_folder, check_overwrite, check_run_flags, cli, config_from, data_record, from_record,
-                    ddp_wrap, ema_update, encode_images, fail, fingerprint, load_checkpoint, load_dataset,
-                    load_weights, open_log, out_beside, parse_set, peak_memory, pick_device, preset_config,
-                    read_checkpoint, recorded, require_key_codes, resume_config, save_grid, setup_distributed,
-                    step_seed, step_stats, sync_grads)
+                    check_image_out, check_out_folder, check_out_not_data, check_overwrite, check_run_flags, cli,
+                    config_from, data_record, from_record, ddp_wrap, ema_update, encode_images, fail, fingerprint,
+                    load_checkpoint, load_dataset, load_weights, open_log, out_beside, parse_set, peak_memory,
+                    pick_device, preset_config, read_checkpoint, recorded, require_key_codes, resume_config, save_grid,
+                    setup_distributed, step_seed, step_stats, sync_grads)
 
 DEFAULT_BRIGHT = os.path.join(DEFAULT_OUT, "bright.pt")
 LOG_COLUMNS = ("iteration", "loss", "seconds")  # ddpm_log.csv, beside ddpm.pt (and BRIGHT's log.csv)
@@ -416,6 +416,7 @@ def train(args, on_step=None):
     if not codes_path:
         data = (args.data or recorded(ckpt, "data", path, "--data")
                 or recorded(bckpt, "data", bright_path, "--data") or DEFAULT_DATA)
+        check_out_not_data(args.out, data)
         images, _ = load_dataset(data, bcfg.image_size)
         t0 = time.time()
         codes, bright_cfg, bright_fp = encode_images(bright, images, device), bckpt["config"], fingerprint(bckpt["ema"])

@@ -1263,7 +1263,8 @@ def test_commands_and_checkpoint_errors(micro, data16, tmp_path, capsys):
                       (("reconstruct", "--ckpt", ck, "--out", tmp_path / ("a" * 300 + ".png")), "File name too long"),
                       # 250 characters: a name the file system takes, but not the temp file's (+ .tmp<pid>)
                       (("encode", "--ckpt", ck, "--out", tmp_path / ("a" * 247 + ".pt")), "File name too long"),
-                      (("compare", out, "--out", afile), "cannot make that folder")]:
+                      (("compare", out, "--out", afile), "cannot make that folder"),
+                      (("train", "--preset", "micro", "--data", data16, "--out", data16), "is the data folder")]:
         with pytest.raises(SystemExit, match="^error: .*" + msg):
             run(*argv)
     # a folder by the name of a file the command writes there: one line now, not a traceback at
@@ -2898,6 +2899,7 @@ def test_bad_inputs(world, tmp_path, capsys):
         ([*train_args(world, ok, 1), "--resume", "--lr", 0.5], r"other settings \(asked: lr 0.5, it has "),
         ([*train_args(world, tmp_path / "x", 1), "--set", '[8]'], "--set takes a JSON object"),
         ([*train_args(world, tmp_path / "x", 1), "--set", '{"width": }'], "--set is not valid JSON"),
+        ([*train_args(world, data, 1)], "--out .* is the data folder"),
         (["sample", "--ckpt", tmp_path / "missing.pt"], "not found"),
         (["sample", "--ckpt", b8], "not a ddpm file"),
         (["sample", "--ckpt", ok / "ddpm.pt", "--bright-ckpt", b4, "--out", tmp_path / "s.png"], "makes 4x8x8 key codes"),
