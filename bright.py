@@ -36,6 +36,8 @@ BUILTIN_DATA = "data/shapes"  # how files record DEFAULT_DATA: the built-in set 
 DEFAULT_OUT = "out"
 LOG_COLUMNS = ("iteration", "loss", "psnr", "seconds")  # log.csv
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# a data/*/prepare.py writes this at its start and removes it at its end: a half-written folder
+PARTIAL = os.path.join("train", ".partial")
 
 
 def fail(msg):
@@ -514,6 +516,9 @@ def load_dataset(root, size, train=True):
     reads no more than it scores). Uses root/train and root/val when present; otherwise a
     deterministic split of the files that read as images: ~5% (by a hash of the name) held out."""
     stack = lambda images: torch.stack(list(images))
+    if os.path.exists(os.path.join(root, PARTIAL)):  # not the few images it has: say so
+        fail(f"data folder {root!r} is half-written: the prepare.py that writes it stopped before "
+             f"the end (its {PARTIAL} is there); run it again")
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
         val = read_images(list_images(os.path.join(root, "val")), size, "validation")
         tr = read_images(list_images(os.path.join(root, "train")), size, "training") if train else None

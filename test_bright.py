@@ -3155,6 +3155,43 @@ def test_neighbors_grid_rows_hold_every_training_image_when_k_exceeds_them(micro
 # ----------------------------------------------------------------------------- data/ffhq/prepare.py
 
 
+def test_an_interrupted_prepare_leaves_a_set_bright_refuses(ffhq, tmp_path, monkeypatch):
+    """Ctrl-C in a prepare.py after some images: the folder says it is half-written, and every
+    command says so rather than train on the images there are (100 of 1000, say); a finished
+    run of the script clears it"""
+    write_images(tmp_path / "src", 6)
+    real = ffhq.convert
+
+    class Interrupted:  # a worker pool that converts one image, then the user presses Ctrl-C
+        def __init__(self, *a, **k): pass
+        def __enter__(self): return self
+        def __exit__(self, *a): pass
+        def imap(self, fn, tasks, chunksize=1):
+            yield real(tasks[0]); raise KeyboardInterrupt
+    shapes = shapes_generator()
+    real_make, made = shapes.make_image, []
+
+    def make_image(*a):  # the same for the shapes: Ctrl-C at the third image
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        made.append(1)
+        return real_make(*a)
+    for name, run_prepare in [("ffhq", lambda: ffhq.prepare(str(tmp_path / "src"), str(tmp_path / "ffhq"), size=16,
+                                                            n_val=1, workers=1, quiet=True)),
+                              ("shapes", lambda: shapes.prepare(str(tmp_path / "shapes"), n_train=4, n_val=2, size=16,
+                                                                quiet=True))]:
+        with monkeypatch.context() as m:
+            m.setattr(ffhq.multiprocessing, "Pool", Interrupted)
+            m.setattr(shapes, "make_image", make_image)
+            with pytest.raises(KeyboardInterrupt):
+                run_prepare()
+        assert len(os.listdir(tmp_path / name / "train")) > 1  # the images so far, and the .partial file
+        with pytest.raises(SystemExit, match=f"^error: data folder .*{name}' is half-written: the prepare.py"):
+            bright.load_dataset(str(tmp_path / name), 16)
+        run_prepare()
+        assert [len(x) for x in bright.load_dataset(str(tmp_path / name), 16)] == ([5, 1] if name == "ffhq" else [4, 2])
+
+
 def test_ffhq_limit_never_reaches_into_the_validation_images(ffhq, tmp_path):
     """--limit larger than the training count keeps the training count: 5 images, --n-val 1,
     --limit 10 -> 4 training images; the 5th is validation only (else it is trained on too)."""

@@ -29,7 +29,7 @@ import zipfile
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bright import to_rgb  # noqa: E402  (the repository root, two folders up)
+from bright import PARTIAL, to_rgb  # noqa: E402  (the repository root, two folders up)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MARKER = os.path.join("train", ".complete")  # inside train/, which is gitignored
@@ -122,6 +122,7 @@ def prepare(src, root=os.path.dirname(os.path.abspath(__file__)), size=256, n_va
         os.makedirs(d)
         # output i is source i of the split: a skipped file leaves a gap, not a shifted numbering
         tasks += [(src, n, os.path.join(d, f"{i:05d}.png"), size) for i, n in enumerate(split_names)]
+    open(os.path.join(root, PARTIAL), "w").close()  # until the end: bright.py refuses a half-written set
 
     t0, done, failed = time.time(), 0, {"train": 0, "val": 0}
     workers = workers or os.cpu_count() or 1
@@ -139,6 +140,7 @@ def prepare(src, root=os.path.dirname(os.path.abspath(__file__)), size=256, n_va
 
     with open(os.path.join(root, MARKER), "w") as f:
         json.dump(dict(src=os.path.abspath(src), size=size, n_val=n_val, limit=limit), f)
+    os.remove(os.path.join(root, PARTIAL))
     if not quiet:
         print(f"wrote {len(splits['train']) - failed['train']} train + "
               f"{len(splits['val']) - failed['val']} val images of {size}x{size} to {root} "
@@ -162,4 +164,7 @@ if __name__ == "__main__":
         os.makedirs(a.root, exist_ok=True)
     except OSError as e:
         ap.error(f"--root {a.root}: cannot make that folder ({e.strerror})")
-    prepare(a.src, a.root, a.size, a.n_val, a.limit, a.workers)
+    try:
+        prepare(a.src, a.root, a.size, a.n_val, a.limit, a.workers)
+    except KeyboardInterrupt:  # one line, not a traceback (bright.py refuses the half-written set)
+        sys.exit(f"interrupted: {a.root} is half-written; run this again")

@@ -23,6 +23,7 @@ import colorsys
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from PIL import Image, ImageDraw
 
 SUPERSAMPLE = 4  # draw at 4x and downsample: cheap antialiasing of every edge
 MARKER = os.path.join("train", ".complete")  # inside train/, which is gitignored
+PARTIAL = os.path.join("train", ".partial")  # from the start to the end (bright.PARTIAL): half-written
 
 
 def random_colour(rng, sat, val):
@@ -125,6 +127,8 @@ def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val
     for split_id, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         d = os.path.join(root, split)
         os.makedirs(d)
+        if split == "train":
+            open(os.path.join(root, PARTIAL), "w").close()
         digits, kinds = max(5, len(str(n - 1))), []
         for i in range(n):
             kinds.append([])
@@ -135,6 +139,7 @@ def prepare(root=os.path.dirname(os.path.abspath(__file__)), n_train=4000, n_val
     with open(os.path.join(root, MARKER), "w") as f:
         json.dump(dict(n_train=n_train, n_val=n_val, size=size, seed=seed, max_shapes=max_shapes,
                        gradients=gradients, radius=list(radius), rotate=rotate), f)
+    os.remove(os.path.join(root, PARTIAL))
     if not quiet:
         print(f"wrote {n_train} train + {n_val} val images of {size}x{size} to {root} "
               f"in {time.time() - t0:.1f}s")
@@ -171,4 +176,7 @@ if __name__ == "__main__":
         os.makedirs(a.root, exist_ok=True)
     except OSError as e:
         ap.error(f"--root {a.root}: cannot make that folder ({e.strerror})")
-    prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, a.gradients, tuple(a.radius), a.rotate)
+    try:
+        prepare(a.root, a.n_train, a.n_val, a.size, a.seed, a.max_shapes, a.gradients, tuple(a.radius), a.rotate)
+    except KeyboardInterrupt:  # one line, not a traceback (bright.py refuses the half-written set)
+        sys.exit(f"interrupted: {a.root} is half-written; run this again")
