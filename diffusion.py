@@ -440,7 +440,7 @@ def train(args, on_step=None):
     say(f"key codes: {N} x {C}x{H}x{H}, mean {codes.mean():.3f}, std {codes.std():.3f}")
     # [0, 1] -> [-1, 1], the data range DDPM assumes. No scale factor, unlike latent diffusion on
     # a KL autoencoder's unbounded latents: the sigmoid already bounds the key codes.
-    x_all = (codes * 2 - 1).to(device)                                     # (N, C_z, H_z, W_z)
+    x_all = (codes.float() * 2 - 1).to(device)  # (N, C_z, H_z, W_z), float32 whatever the file holds
 
     # 2. the UNet, its EMA copy and the optimiser; the schedule stays outside them (Diffusion)
     torch.manual_seed(cfg.seed)

@@ -2819,6 +2819,13 @@ def test_train_from_a_codes_file(world, tmp_path):
     assert c["bright_ckpt"] == str(b8) and (c["config"]["z_channels"], c["config"]["z_size"]) == (8, 8)
     # --set reaches the config and a flag wins over it (the codes fix the shape: another is an error)
     assert (c["config"]["width"], c["config"]["mults"], c["config"]["lr"]) == (16, (1, 2), 0.002)
+    # codes a user saved in another float dtype (numpy's float64, say) train as float32
+    for dtype in (torch.float64, torch.float16):
+        d = torch.load(tmp_path / "codes.pt", weights_only=True)
+        torch.save({**d, "codes": d["codes"].to(dtype)}, tmp_path / "other.pt")
+        diff_run("train", "--codes", tmp_path / "other.pt", "--out", tmp_path / str(dtype), "--max-iters", 1,
+                 "--batch-size", 2, "--set", '{"width": 16, "mults": [1, 2]}')
+        assert os.path.isfile(tmp_path / str(dtype) / "ddpm.pt")
 
 
 def test_files_name_each_other_by_absolute_paths(world, tmp_path, monkeypatch, capsys):
