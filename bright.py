@@ -530,6 +530,8 @@ def load_dataset(root, size, train=True):
         held = [i == len(paths) - 1 for i in range(len(paths))] if len(paths) > 1 else [False]
     tr = [images[p] for p, h in zip(paths, held) if not h]
     val = [images[p] for p, h in zip(paths, held) if h] or tr[-1:]
+    if len(paths) == 1:  # validation numbers are then training numbers: say so
+        print(f"note: one image in {root}: it is the training and the validation image", file=sys.stderr)
     return (stack(tr) if train else None), stack(val)
 
 
@@ -758,7 +760,7 @@ def open_log(path, step, columns=LOG_COLUMNS):
     rows = []
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:  # (re-saved in another encoding: the rows still readable)
             # a line cut short by the kill has no newline: dropped too
             rows = [l for l in f.readlines()[1:]
                     if l.endswith("\n") and (n := l.split(",")[0]).isdigit() and int(n) <= step]

@@ -791,6 +791,11 @@ def test_loader_splits_readable_files_skips_run_folders_and_reads_what_it_needs(
     train2, val2 = bright.load_dataset(str(flat), 16)
     assert torch.equal(train, train2) and torch.equal(val, val2)
     assert f"left out {run_dir}, a run's folder" in capsys.readouterr().err
+    one = tmp_path / "one"                             # one image: both splits, and a note says so
+    write_images(one, 1)
+    assert [len(x) for x in bright.load_dataset(str(one), 16)] == [1, 1]
+    assert "one image in" in capsys.readouterr().err and len(bright.load_dataset(str(flat), 16)[0]) == 2
+    assert "one image" not in capsys.readouterr().err
     split = tmp_path / "split"                         # train=False: the training images are not read
     write_images(split / "val", 2)
     write_images(split / "train", 2)
@@ -1437,6 +1442,10 @@ def test_open_log_drops_a_cut_line_whose_digits_read_as_an_earlier_step(tmp_path
     with bright.open_log(str(p), 10) as f:
         f.write("11,0.3,22.0,3.0\n")
     assert bright.read_log(str(tmp_path))["iteration"] == [1, 2, 11]
+    # re-saved by a spreadsheet in Latin-1: a log, not a UnicodeDecodeError at --resume
+    p.write_bytes("iteration,loss,psnr,seconds\n1,0.5,20.0,1.0\n2,0.4,21.0,2.0 \xb5s\n".encode("latin-1"))
+    bright.open_log(str(p), 10).close()
+    assert bright.read_log(str(tmp_path))["iteration"] == [1, 2]
 
 
 def test_validation_and_recon_png_use_the_ema_weights(micro, data16, tmp_path, monkeypatch):
