@@ -365,6 +365,7 @@ def train(args, on_step=None):
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.data and args.codes:
         fail("pass --data or --codes, not both")
+    amp = autocast(device, args.dtype)  # here: refuses bfloat16 on the CPU before any encoding
     path = os.path.join(args.out, "ddpm.pt")
     ckpt = read_checkpoint(path, "ddpm", "nothing to resume") if args.resume else None
     if not ckpt and os.path.exists(path):
@@ -436,7 +437,6 @@ def train(args, on_step=None):
             fail(f"the training key codes ({codes_path or data}) are not those {path} was trained on; "
                  f"resume with the same --codes, or --data and --bright-ckpt")
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    amp = autocast(device, args.dtype)
     say(f"key codes: {N} x {C}x{H}x{H}, mean {codes.mean():.3f}, std {codes.std():.3f}")
     # [0, 1] -> [-1, 1], the data range DDPM assumes. No scale factor, unlike latent diffusion on
     # a KL autoencoder's unbounded latents: the sigmoid already bounds the key codes.

@@ -3111,6 +3111,14 @@ def test_a_resumed_ddpm_refuses_other_key_codes(tmp_path):
     assert bright.read_log(out, "ddpm_log.csv", diffusion.LOG_COLUMNS)["iteration"] == [1, 2]
 
 
+def test_ddpm_bfloat16_on_the_cpu_is_refused_before_any_encoding(world, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine takes --dtype bfloat16")
+    monkeypatch.setattr(diffusion, "encode_images", lambda *a: pytest.fail("encoded the dataset first"))
+    with pytest.raises(SystemExit, match="bfloat16 is for CUDA"):
+        diff_run(*train_args(world, tmp_path / "bf", 1, "--dtype", "bfloat16"))
+
+
 def test_ddpm_train_without_preset_says_which_unet(tmp_path, capsys):
     """key codes larger than the tiny preset's (ffhq256's 16x16x16, church256's 64x64x4) with no
     --preset: the tiny UNet trains, and a note names the paper's (bright16); with --preset, or
