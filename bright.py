@@ -1430,9 +1430,9 @@ def parser():
     t.add_argument("--preset", default=None, choices=list(PRESETS))
     t.add_argument("--bottleneck", choices=["hash", "vq"], help="hash (BRIGHT, default) or vq (the baseline)")
     t.add_argument("--out", default=DEFAULT_OUT, help="folder for bright.pt, recon.png, log.csv (default: %(default)s)")
-    t.add_argument("--max-iters", type=int, help="optimizer steps in all (default: the preset's)")
+    t.add_argument("--max-iters", type=int, help="optimizer steps in all (default: the preset's, or the resumed run's)")
     t.add_argument("--batch-size", type=int, help="images per optimizer step, over all processes (default: the preset's)")
-    t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1, or the resumed run's)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: autocast on CUDA (the lookup stays float32)")
     t.add_argument("--compile", action="store_true", help="torch.compile the encoder, heads and decoder")
@@ -1441,7 +1441,8 @@ def parser():
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--set", action="append", help='other config fields as JSON, e.g. \'{"lr": 0.001}\' (repeatable)')
     t.add_argument("--log-every", type=int, default=25, help="steps between log lines (default: %(default)s)")
-    t.add_argument("--resume", action="store_true", help="continue --out's bright.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue --out's bright.pt with its config (only --max-iters and --grad-accum may change)")
     for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table or codebook usage"),
                             ("reconstruct", cmd_reconstruct, "PNG of validation images and reconstructions"),
                             ("encode", cmd_encode, "key codes of every image, for diffusion.py")]:

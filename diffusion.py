@@ -670,16 +670,17 @@ def parser():
                    "trained on)")
     t.add_argument("--codes", help="key codes written by: python bright.py encode")
     t.add_argument("--preset", choices=list(PRESETS), help="default: tiny")
-    t.add_argument("--out", default=DEFAULT_OUT)
+    t.add_argument("--out", default=DEFAULT_OUT, help="folder for ddpm.pt and ddpm_log.csv (default: %(default)s)")
     for flag, typ in [("--max-iters", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
                       ("--seed", int)]:
-        t.add_argument(flag, type=typ)
+        t.add_argument(flag, type=typ, help="default: the preset's, or the resumed run's")
     t.add_argument("--set", action="append",
                    help='other config fields as JSON, e.g. \'{"width": 48, "mults": [1, 2]}\' (repeatable)')
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--log-every", type=int, default=100, help="steps between log lines (default: %(default)s)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue --out's ddpm.pt with its config (only --max-iters and --grad-accum may change)")
     t.set_defaults(fn=train)
     s = sub.add_parser("sample", parents=[common], help="sample key codes, decode them, write a PNG grid")
     s.add_argument("--n", type=int, default=64, help="samples (default: %(default)s)")

@@ -1410,12 +1410,19 @@ def test_a_resumed_gan_run_continues_its_discriminator(micro, data16, tmp_path):
             assert torch.equal(ca[k][n], cb[k][n]), (k, n)
 
 
-def test_resume_may_change_grad_accum(micro, data16, tmp_path):
+def test_resume_may_change_grad_accum(micro, data16, tmp_path, capsys):
     """--grad-accum may change on --resume (a smaller GPU): the resumed run uses and records
     it. (Fails with: only max_iters taken from the flags, --grad-accum silently ignored.)"""
     run("train", "--preset", "micro", "--data", data16, "--out", tmp_path, "--max-iters", 1)
     run("train", "--data", data16, "--out", tmp_path, "--max-iters", 2, "--resume", "--grad-accum", 2)
     assert torch.load(tmp_path / "bright.pt", weights_only=True)["config"]["grad_accum"] == 2
+    # not given again, it stays the run's 2, not the help's default 1 (which --help says)
+    run("train", "--data", data16, "--out", tmp_path, "--max-iters", 3, "--resume")
+    assert torch.load(tmp_path / "bright.pt", weights_only=True)["config"]["grad_accum"] == 2
+    with pytest.raises(SystemExit):
+        run("train", "--help")
+    helps = " ".join(capsys.readouterr().out.split())
+    assert "--grad-accum GRAD_ACCUM micro-batches per step (default 1, or the resumed run's)" in helps
 
 
 def test_each_seed_draws_its_own_batches(micro, data16, tmp_path, monkeypatch):
