@@ -10,6 +10,7 @@ the command line.
     torchrun --standalone --nproc_per_node=K bright.py train ...    # DDP
 """
 import argparse
+import colorsys
 import contextlib
 import copy
 import importlib.util
@@ -1357,10 +1358,13 @@ def plot_curves(series, path, xlabel, ylabel, size=(720, 420)):
             d.text((X(float(xl)), H - b + 8), xl, fill="black", anchor="mt")
     d.text(((l + W - r) / 2, H - 18), xlabel, fill="black", anchor="mm")
     d.text((8, t), ylabel, fill="black", anchor="lt")
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for i in range(len(colors), len(series)):  # more runs: hues a golden-ratio turn apart, none repeated
+        colors.append(tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i * 0.618034 % 1, 0.8, 0.75)))
     for i, (name, (sx, sy)) in enumerate(series.items()):
-        d.line([(X(x), Y(y)) for x, y in zip(sx, sy)], fill=colors[i % 4], width=2)
-        d.text((l + 12, t + 10 + 16 * i), name, fill=colors[i % 4], anchor="lt")
+        d.line([(X(x), Y(y)) for x, y in zip(sx, sy)], fill=colors[i], width=2)
+        d.text((l + 12, t + 10 + 16 * i), name, fill=colors[i], anchor="lt")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     im.save(path)
 
@@ -1372,6 +1376,7 @@ def cmd_compare(args):
     check_out_folder(args.out, files=("curves.png", "recon.png"))
     device = pick_device(args.device)
     check_backend(args.backend, device)
+    args.runs = [os.path.normpath(run) for run in args.runs]  # u40/ is u40: one run, named once
     logs = [read_log(run) for run in args.runs]  # every run's files before the work
     for p in (os.path.join(run, "bright.pt") for run in args.runs):
         if not os.path.isfile(p):

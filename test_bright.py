@@ -1514,6 +1514,16 @@ def test_curves_draw_higher_values_higher(tmp_path, monkeypatch):
     assert labels["10.0"] == pytest.approx(370) and labels["20.0"] == pytest.approx(20)
 
 
+def test_curves_of_many_runs_have_distinct_colours(tmp_path, monkeypatch):
+    from PIL import ImageDraw
+    fills = []
+    orig_line = ImageDraw.ImageDraw.line
+    monkeypatch.setattr(ImageDraw.ImageDraw, "line", lambda self, xy, *a, **k: (
+        fills.append(k.get("fill")) if len(xy) == 3 else None, orig_line(self, xy, *a, **k))[1])
+    bright.plot_curves({f"run{i}": ([1, 2, 3], [i, i + 1, i]) for i in range(14)}, str(tmp_path / "c.png"), "it", "y")
+    assert len(fills) == 14 and len(set(fills)) == 14
+
+
 def micro_checkpoint(cfg, path, seed=0):
     """a BRIGHT checkpoint of the micro config written by hand (no training): random weights,
     tables N(0, 1) so that the output depends on the key codes. -> the model (eval mode)"""
@@ -1593,6 +1603,11 @@ def test_compare_plots_each_smoothed_psnr_at_the_iteration_its_window_ends(micro
     (xs, ys), = curves.values()
     assert xs == its[1:]
     assert ys == pytest.approx([(a + b) / 2 for a, b in zip(psnrs, psnrs[1:])])  # float64 means of small integers
+    # the same run named twice, once with a trailing slash: one name, the second marked #2
+    curves.clear()
+    run("compare", run_dir, f"{run_dir}{os.sep}", "--data", data16, "--out", tmp_path / "cmp2", "--n", 2,
+        "--device", "cpu")
+    assert list(curves) == [f"{run_dir} (hash)", f"{run_dir} (hash) #2"]
 
 
 # ----------------------------------------------------------------------------- the VQ baseline and code bits
