@@ -445,11 +445,15 @@ def triton_unfit(spec):
 
 
 def _level_meta(spec, device):
-    """Per-level (resolution, offset, dense) as int32 tensors on the device, cached."""
-    key = (spec, str(device))
+    """Per-level (resolution, offset, dense) as int32 tensors on the device, cached; the
+    offsets int64 where a group's table has 2^31 entries or more (8 GB of fp32 at F = 1)."""
+    wide = spec.num_entries >= _INT32_LIMIT
+    key = (spec, str(device), wide)
     if key not in _META_CACHE:
-        _META_CACHE[key] = tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in
-                                 (spec.resolutions, spec.offsets, [int(d) for d in spec.dense]))
+        i32 = dict(dtype=torch.int32, device=device)
+        _META_CACHE[key] = (torch.tensor(spec.resolutions, **i32),
+                            torch.tensor(spec.offsets, dtype=torch.int64 if wide else torch.int32, device=device),
+                            torch.tensor([int(d) for d in spec.dense], **i32))
     return _META_CACHE[key]
 
 

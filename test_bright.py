@@ -2105,6 +2105,16 @@ def test_int64_offsets(monkeypatch):
         _close(a, b, atol=1e-12, rtol=1e-12)
 
 
+def test_tables_of_2_31_entries_get_int64_level_offsets():
+    """A group's table of 2^31+ entries (here 3 levels of 2^30) has level offsets past int32:
+    the kernels get them as int64 (the kernel test above runs that variant) and int64 indices."""
+    spec = GridSpec(3, 3, 1, 30, 2048, 4096)
+    assert spec.num_entries >= 2 ** 31 and not hg.triton_unfit(spec)
+    _, (res, off, dense), common = hg._launch_args(torch.rand(10, 1, 3), torch.empty(0), spec, 1024)
+    assert off.dtype == torch.int64 and off.tolist() == list(spec.offsets) and common["IDX64"]
+    assert res.dtype == dense.dtype == torch.int32
+
+
 def test_coordinate_gradient_variants(monkeypatch):
     """Atomic adds into (N, G, D) and the per-level buffer summed afterwards agree."""
     spec = GridSpec(2, 3, 2, 6, 3, 9)
