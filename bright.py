@@ -357,7 +357,7 @@ class BRIGHT(nn.Module):
 
     def encode(self, x):
         """images (B, 3, H, W) in [-1, 1] -> key codes (B, C_z, H_z, W_z) in (0, 1)
-        (0 or 1 exactly only for |logit| > ~17 in fp32, where the sigmoid's own slope is ~0)
+        (exactly 1 in fp32 for a logit above ~17, exactly 0 only below ~-104; the slope is ~0 there)
         (vq: the unquantized encoder vectors, unbounded)"""
         h = self.encoder(x)
         # the key codes are computed in fp32 even under bf16 autocast: bf16 keeps 8 bits of
