@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -963,6 +964,11 @@ def ddp_wrap(module, device, world):
     """DistributedDataParallel around module when there is more than one process, else module"""
     if module is None or world == 1:
         return module
+    # Under --compile the 1x1 to_rgb conv's weight gradient (C_out, C_in, 1, 1) comes back with
+    # strides (C_in, 1, C_in, C_in): the same bytes as DDP's bucket view (C_in, 1, 1, 1), which it
+    # copies every gradient into anyway. Its warning that the strides differ is noise for these
+    # models (none uses channels_last, the case the warning is for).
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     return nn.parallel.DistributedDataParallel(module, [device.index] if device.type == "cuda" else None)
 
 

@@ -1894,6 +1894,32 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def test_ddp_of_a_compiled_1x1_conv_warns_nothing(fresh_dynamo):
+    """torch.compile gives a 1x1 conv's weight gradient odd strides for its size-1 dimensions;
+    DDP warns once per process that they differ from its bucket's, a false alarm ddp_wrap
+    silences. In a fresh process (the C++ side warns once per process), a world of 1 that
+    ddp_wrap is told is 2; the gradient's strides show the situation did arise."""
+    code = textwrap.dedent(f"""
+        import json, sys, tempfile, warnings, torch, torch.distributed as dist
+        sys.path.insert(0, {HERE!r})
+        import bright
+        dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+        m = bright.ModConv(8, 3, 1, 4, demod=False)
+        m.compile()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ddp = bright.ddp_wrap(m, torch.device("cpu"), 2)
+            ddp(torch.randn(2, 8, 5, 5), torch.randn(2, 4)).square().sum().backward()
+        print(json.dumps([m.weight.grad.stride(), [str(w.message) for w in seen]]))
+        dist.destroy_process_group()""")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    strides, warned = json.loads(out.stdout.strip().splitlines()[-1])
+    if strides == [8, 1, 1, 1]:
+        pytest.skip("this torch's compiled 1x1 conv returns the standard gradient strides: nothing to silence")
+    assert warned == []
+
+
 def compiled_graphs():
     """graphs torch.compile has captured since the last reset (a --compile that compiled
     nothing would leave it at 0)"""
