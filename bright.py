@@ -1493,6 +1493,10 @@ def cli(main):
     """the entry point of a script: Ctrl-C outside a training loop (which saves and stops on its
     own) ends the command with one line, not a traceback from wherever it was; an output folder
     it made and left empty (an error came first: a mistyped --data, say) is removed again"""
+    # a file name that is not valid in the locale's encoding (Python holds it with surrogates)
+    # prints escaped, as stderr already does, rather than stopping the command half-way
+    if sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         main()
     except KeyboardInterrupt:

@@ -1026,6 +1026,16 @@ def test_ctrl_c_outside_training_is_one_line():
     assert (r.returncode, r.stderr) == (130, "interrupted\n")
 
 
+def test_file_names_outside_the_locale_encoding_print_escaped():
+    # a folder named in bytes that are not UTF-8 (Python holds them as surrogates) printed to a
+    # stdout that is strict about its encoding (a UTF-8 locale other than C): escaped, not a
+    # UnicodeEncodeError half-way through a command
+    r = subprocess.run([sys.executable, "-c", "import bright; bright.cli(lambda: print('saved /tmp/a\\udcffb'))"],
+                       capture_output=True, cwd=os.path.dirname(os.path.abspath(bright.__file__)),
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert (r.returncode, r.stdout) == (0, b"saved /tmp/a\\udcffb\n"), r.stderr
+
+
 def test_ctrl_c_in_the_lookup_benchmark_is_one_line():
     # python hashgrid_triton.py, stopped once it has started timing: the rows so far, then one line
     p = subprocess.Popen([sys.executable, "-u", "hashgrid_triton.py"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
