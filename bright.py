@@ -1442,7 +1442,8 @@ def parser():
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--backend", default="auto", choices=["auto", "torch", "reference", "triton"],
                         help="hash-grid lookup: triton on CUDA, torch on CPU by default")
-    t = sub.add_parser("train", parents=[common], help="train BRIGHT (under torchrun: DDP)")
+    t = sub.add_parser("train", parents=[common], help="train BRIGHT (under torchrun: DDP)",
+                       description="With --resume, a flag not given takes the checkpoint's value.")
     t.add_argument("--preset", default=None, choices=list(PRESETS))
     t.add_argument("--bottleneck", choices=["hash", "vq"], help="hash (BRIGHT, default) or vq (the baseline)")
     t.add_argument("--out", default=DEFAULT_OUT, help="folder for bright.pt, recon.png, log.csv (default: %(default)s)")
@@ -1458,7 +1459,8 @@ def parser():
     t.add_argument("--set", action="append", help='other config fields as JSON, e.g. \'{"lr": 0.001}\' (repeatable)')
     t.add_argument("--log-every", type=int, default=25, help="steps between log lines (default: %(default)s)")
     t.add_argument("--resume", action="store_true",
-                   help="continue --out's bright.pt with its config (only --max-iters and --grad-accum may change)")
+                   help="continue --out's bright.pt with its config (only --max-iters and --grad-accum may change) "
+                        "and data (unless --data)")
     for name, fn, help_ in [("eval", cmd_eval, "PSNR/SSIM, key-code statistics, table or codebook usage"),
                             ("reconstruct", cmd_reconstruct, "PNG of validation images and reconstructions"),
                             ("encode", cmd_encode, "key codes of every image, for diffusion.py")]:

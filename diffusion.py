@@ -665,7 +665,8 @@ def parser():
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--bright-ckpt", help=f"BRIGHT checkpoint (train: the codes file's, the resumed run's, or "
                         f"{DEFAULT_BRIGHT}; sample, neighbors: the DDPM's own)")
-    t = sub.add_parser("train", parents=[common], help="train the diffusion model on key codes")
+    t = sub.add_parser("train", parents=[common], help="train the diffusion model on key codes",
+                       description="With --resume, a flag not given takes the checkpoint's value.")
     t.add_argument("--data", help="image folder to encode (default: the resumed run's, else the one BRIGHT was "
                    "trained on)")
     t.add_argument("--codes", help="key codes written by: python bright.py encode")
@@ -691,8 +692,8 @@ def parser():
     s.add_argument("--save-codes", action="store_true", help="also write the sampled key codes (.pt beside the PNG)")
     s.set_defaults(fn=cmd_sample)
     nb = sub.add_parser("neighbors", parents=[common], help="samples beside their nearest training images")
-    nb.add_argument("--n", type=int, default=16, help="samples shown, one a row")
-    nb.add_argument("--k", type=int, default=4, help="neighbours shown for each distance")
+    nb.add_argument("--n", type=int, default=16, help="samples shown, one a row (default: %(default)s)")
+    nb.add_argument("--k", type=int, default=4, help="neighbours shown for each distance (default: %(default)s)")
     nb.add_argument("--n-stats", type=int, default=128,
                     help="held-out images for the distance means, and samples (at least --n) (default: %(default)s)")
     nb.add_argument("--data", help="training images (default: those the model was trained on)")
@@ -701,7 +702,7 @@ def parser():
     for p in (s, nb):
         p.add_argument("--ckpt", default=os.path.join(DEFAULT_OUT, "ddpm.pt"), help="DDPM checkpoint (default: %(default)s)")
         p.add_argument("--steps", type=int, help="DDIM steps (default 50, or T if the model has fewer)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="of the starting noise (default: %(default)s)")
     return ap
 
 
