@@ -811,10 +811,7 @@ def test_loader_holds_the_images_once(tmp_path):
     per process), not two (a list of images, then their stack). Measured in a fresh process by
     the growth of its peak RSS over 400 images decoded at 256^2 (78.6 MB): ~1.05 copies, ~2.07
     with a stack at the end; the rest is PIL's buffers for one image at a time."""
-    rng = np.random.default_rng(0)
-    (tmp_path / "d").mkdir()
-    for i in range(400):  # 64^2 files (quick to write), upscaled to 256^2 when read
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "d" / f"{i:03d}.png")
+    write_images(tmp_path / "d", 400, size=64)  # small files (quick to write), upscaled to 256^2 when read
     code = textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {HERE!r})
