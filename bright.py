@@ -197,6 +197,10 @@ class Config:
     log2_table_size: int = 14       # T = 2^t entries per level at most
     min_res: int = 8
     max_res: int = 32
+    # vertex placement: False puts vertex c of a level at c / res (x = 0 and 1 are vertices);
+    # True is Instant-NGP's and torch-ngp's pos = x * (N_l - 1) + 0.5, levels staggered by
+    # half a cell: the grid BRIGHT used, so the paper's presets take it (hashgrid_triton.py)
+    staggered: bool = False
     feat_size: int = 16             # H_d = W_d of the feature map f
     c_d: int = 64                   # C_d channels of f
     head_hidden: int = 32           # hidden width of each group's MLP
@@ -255,7 +259,7 @@ class Config:
     @property
     def grid(self):
         return GridSpec(self.c_key + 2, self.levels, self.features, self.log2_table_size,
-                        self.min_res, self.max_res)
+                        self.min_res, self.max_res, self.staggered)
 
     @property
     def noise_sigma(self):
@@ -268,18 +272,18 @@ PRESETS = {
     # fits a 2-core CPU: 64^2 shapes, key codes 16x16x4 (the Config defaults), 4 groups of 3-D
     # grids; batch 8, a decaying lr and a shorter EMA: ~30 dB in 8 minutes on the default shapes
     "tiny": dict(batch_size=8, max_iters=4400, lr_final=0.1, ema_decay=0.995),
-    # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18;
-    # tables = 74,521,088 params with these grid settings (the paper's table: 42.9M, per-group
-    # sizes not given)
+    # the paper's FFHQ model: key codes 16x16x16, 16 groups, L=16, F=4, res 16->64, T=2^18,
+    # torch-ngp's staggered vertices; tables = 74,521,088 params with these grid settings (the
+    # paper's table: 42.9M, per-group sizes not given)
     "ffhq256": dict(image_size=256, z_size=16, z_channels=16, levels=16, features=4,
-                    log2_table_size=18, min_res=16, max_res=64, feat_size=64, c_d=512,
+                    log2_table_size=18, min_res=16, max_res=64, staggered=True, feat_size=64, c_d=512,
                     head_hidden=64, enc_widths=(32, 64, 128, 256, 256),
                     dec_widths=(512, 256, 128), style_dim=512, ema_decay=0.999,
                     max_iters=400_000, eval_every=5000),
     # the paper's LSUN-Church model: key codes 64x64x4, 4 groups; tables = 18,630,272 params,
     # the v3 paper's figure (the project page's table says 11.4M)
     "church256": dict(image_size=256, z_size=64, z_channels=4, levels=16, features=4,
-                      log2_table_size=18, min_res=16, max_res=64, feat_size=64, c_d=512,
+                      log2_table_size=18, min_res=16, max_res=64, staggered=True, feat_size=64, c_d=512,
                       head_hidden=128, enc_widths=(32, 64, 128), dec_widths=(512, 256, 128),
                       style_dim=512, ema_decay=0.999, max_iters=400_000, eval_every=5000),
 }
@@ -615,8 +619,8 @@ def ssim(a, b):
 @torch.no_grad()
 def table_usage(model, codes):
     """Fraction of table entries that receive a non-zero interpolation weight from the queries
-    of these key codes, per level (over all groups) and overall. Dense levels count their
-    (res+1)^D vertices, hashed levels their T entries (alignment padding is never used)."""
+    of these key codes, per level (over all groups) and overall. Dense levels count the
+    vertices a query can reach, hashed levels their T entries (alignment padding is never used)."""
     spec, G = model.spec, model.cfg.groups
     used = [torch.zeros(G, n, dtype=torch.bool) for n in spec.sizes]
     for z in codes.split(16):
@@ -627,8 +631,11 @@ def table_usage(model, codes):
                 used[l][g, idx[:, g][w[:, g] > 0]] = True
     per_level = []
     for l, u in enumerate(used):
-        n = (spec.resolutions[l] + 1) ** spec.dim if spec.dense[l] else spec.sizes[l]
-        per_level.append((u[:, :n].sum().item(), G * n))
+        # vertices 0..top per dimension: top = res with c / res; staggered, pos <= N_l - 0.5
+        # reaches vertex floor(N_l - 0.5) + 1, which is res - 1 when N_l < res - 0.5
+        top = min(spec.resolutions[l], math.floor(spec.scales[l] + spec.shift) + 1)
+        n = (top + 1) ** spec.dim if spec.dense[l] else spec.sizes[l]
+        per_level.append((u.sum().item(), G * n))  # only reachable entries are ever marked
     return ([a / b for a, b in per_level], sum(a for a, _ in per_level) / sum(b for _, b in per_level))
 
 
@@ -1324,7 +1331,8 @@ def cmd_info(args):
         print(f"{name}: {cfg.image_size}^2 images, key codes {cfg.z_size}x{cfg.z_size}x{cfg.z_channels}, "
               f"{cfg.groups} groups of {spec.dim}-D grids, L={cfg.levels} F={cfg.features} "
               f"res {cfg.min_res}->{cfg.max_res} T=2^{cfg.log2_table_size} "
-              f"({sum(spec.dense)} dense + {spec.levels - sum(spec.dense)} hashed levels)")
+              f"({sum(spec.dense)} dense + {spec.levels - sum(spec.dense)} hashed levels"
+              f"{', staggered' if spec.staggered else ''})")
         print(f"  tables {c['table_params']:,} params | encoder {c['encoder_params']:,} | "
               f"decoder (heads + synthesis) {c['decoder_params']:,}")
         print(f"  per image: decoder {c['decoder_gmacs']:.2f} GMACs + lookup {c['lookup_gmacs']:.3f} GMACs = "

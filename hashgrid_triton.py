@@ -15,26 +15,34 @@ tables  (G, spec.num_entries, F) one flat table per group; level l owns the rows
 out     (N, G, L*F)             level-major: out[n, g, l*F + f].
 
 Level l has resolution res_l (geometric from min_res to max_res, as in Instant-NGP) and
-(res_l + 1)^D vertices: vertex c (integer, 0..res_l per dimension) sits at c / res_l, so
-x = 0 and x = 1 are vertices. A level whose vertices fit in T = 2^t entries is dense
-(row-major, dimension 0 fastest); a larger one is hashed: XOR of c_d * prime_d, mod T, in
-uint32 arithmetic. Each level's size is rounded up to a multiple of 8 entries so that
+(res_l + 1)^D vertices (integer c, 0..res_l per dimension), placed in one of two ways:
+  GridSpec(staggered=False): vertex c sits at c / res_l, so x = 0 and x = 1 are vertices;
+  GridSpec(staggered=True):  Instant-NGP's and torch-ngp's placement (the grid BRIGHT used),
+      pos = x * (N_l - 1) + 0.5 in vertex units, N_l = min_res * b^l unrounded (b the growth
+      per level): a half-cell offset, so x = 0 is no level's vertex and the levels' vertices
+      do not line up at the edges; where N_l < res_l - 0.5 the last vertex row (c = res_l)
+      is allocated (torch-ngp's sizes) but never reached.
+Both are pos = x * scale_l + shift (spec.scales, spec.shift). A level whose vertices fit in
+T = 2^t entries is dense (row-major, dimension 0 fastest); a larger one is hashed: XOR of
+c_d * prime_d, mod T, in uint32 arithmetic. Each level's size is rounded up to a multiple of 8 entries so that
 every level starts 32-byte aligned (vector loads in the kernels).
 
 Multilinear interpolation over the 2^D corners of the cell holding x:
-    pos = x * res, cell = min(floor(pos), res - 1), t = pos - cell  (t in [0, 1])
+    pos = x * scale + shift, cell = min(floor(pos), res - 1), t = pos - cell  (t in [0, 1])
     out = sum_corners  w_corner * table[index(cell + corner)],
     w_corner = prod_d (t_d if corner_d else 1 - t_d)
 Gradients
     d out / d table[index(corner)] = w_corner                          (a scatter-add)
-    d out / d x_d = res * sum_corners (+1 if corner_d else -1) * prod_{e != d} w_e * entry
+    d out / d x_d = scale * sum_corners (+1 if corner_d else -1) * prod_{e != d} w_e * entry
 
 The Triton kernels (grid_lookup_triton; the jit helpers are named like the torch functions
 they mirror, plus "_tl")
 --------------------------------------------------------------------------------------------
 Launch grid (L, ceil(N / BLOCK), G): one program = BLOCK points x one group x one level, so
 a single launch covers every level and group. Per-level resolution, row offset and dense flag
-come from three small int32 tensors; dense vs. hashed is chosen at run time per program.
+come from three small int32 tensors, a staggered grid's scale from one in the lookup's
+precision (the placement is a compile-time constant);
+dense vs. hashed is chosen at run time per program.
 Each corner's F features are one (BLOCK, F) tile load: F contiguous floats per point, a single
 64- or 128-bit load (levels start at multiples of 8 entries, and the kernel says so).
   forward   out[n, g, l*F:(l+1)*F] = sum_corners w * entry, accumulated in fp32 (fp64 inputs:
@@ -74,8 +82,10 @@ class GridSpec:
     log2_table_size: int   # T = 2^t entries at most per level
     min_res: int
     max_res: int
+    staggered: bool = False  # vertex placement (module docstring): False c / res, True torch-ngp's
     # derived, per level (filled in __post_init__)
     resolutions: tuple = field(init=False)
+    scales: tuple = field(init=False)  # pos = x * scale + shift
     dense: tuple = field(init=False)
     sizes: tuple = field(init=False)
     offsets: tuple = field(init=False)
@@ -91,22 +101,29 @@ class GridSpec:
             raise ValueError("GridSpec: log2_table_size must be in 3..30")
         T = 1 << self.log2_table_size
         growth = (math.log(self.max_res) - math.log(self.min_res)) / max(self.levels - 1, 1)
-        res, dense, sizes, offsets, total = [], [], [], [], 0
+        res, scales, dense, sizes, offsets, total = [], [], [], [], [], 0
         for l in range(self.levels):
             # -1e-9: 16 * 4^(15/15) must give 64, not 65, despite float rounding
             r = max(1, math.ceil(self.min_res * math.exp(growth * l) - 1e-9))
+            # staggered: pos = x * (N_l - 1) + 0.5 runs from 0.5 to N_l - 0.5 <= r - 0.5, so its
+            # cells are 0..r-1 as with c / res (torch-ngp's scale: N_l unrounded, not r)
+            scales.append(self.min_res * math.exp(growth * l) - 1 if self.staggered else float(r))
             vertices = (r + 1) ** self.dim
             is_dense = vertices <= T
             n = (vertices + 7) // 8 * 8 if is_dense else T
             res.append(r); dense.append(is_dense); sizes.append(n); offsets.append(total)
             total += n
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass
-        set_("resolutions", tuple(res)); set_("dense", tuple(dense))
+        set_("resolutions", tuple(res)); set_("scales", tuple(scales)); set_("dense", tuple(dense))
         set_("sizes", tuple(sizes)); set_("offsets", tuple(offsets)); set_("num_entries", total)
 
     @property
     def table_size(self):
         return 1 << self.log2_table_size
+
+    @property
+    def shift(self):
+        return 0.5 if self.staggered else 0.0
 
 
 def corner_index(c, spec, l):
@@ -132,10 +149,11 @@ def clamp_coords(coords):
     return torch.where(inside, coords, coords.detach().nan_to_num(0.0).clamp(0, 1))
 
 
-def cell_and_frac(x, res):
-    """x (..., D) in [0,1] -> integer cell (..., D) in [0, res-1] and t (..., D) in [0,1]."""
-    pos = x * res
-    cell = pos.detach().floor().clamp(max=res - 1)  # x = 1 belongs to the last cell
+def cell_and_frac(x, spec, l):
+    """x (..., D) in [0,1] -> integer cell (..., D) in [0, res-1] of level l and t (..., D) in [0,1]."""
+    res = spec.resolutions[l]
+    pos = x * spec.scales[l] + spec.shift
+    cell = pos.detach().floor().clamp(max=res - 1)  # c / res: x = 1 belongs to the last cell
     return cell.long(), pos - cell
 
 
@@ -144,7 +162,7 @@ def level_corners(x, spec, l):
     level (N, G, 2^D) and their multilinear weights (N, G, 2^D)"""
     D = x.shape[-1]
     bits = torch.tensor([[(k >> d) & 1 for d in range(D)] for k in range(2 ** D)], device=x.device)
-    cell, t = cell_and_frac(x, spec.resolutions[l])                     # (N, G, D)
+    cell, t = cell_and_frac(x, spec, l)                                 # (N, G, D)
     tt = t[:, :, None, :]
     w = torch.where(bits.bool(), tt, 1 - tt).prod(-1)                   # (N, G, 2^D)
     return corner_index(cell[:, :, None, :] + bits, spec, l), w
@@ -160,7 +178,7 @@ def grid_lookup_reference(coords, tables, spec):
     group = torch.arange(G, device=coords.device).expand(N, G)  # (N, G)
     out = []
     for l in range(spec.levels):
-        cell, t = cell_and_frac(x, spec.resolutions[l])  # (N, G, D) each
+        cell, t = cell_and_frac(x, spec, l)  # (N, G, D) each
         acc = 0
         for corner in range(2 ** D):
             bit = [(corner >> d) & 1 for d in range(D)]
@@ -177,24 +195,27 @@ def grid_lookup_reference(coords, tables, spec):
 def grid_lookup_fast(coords, tables, spec):
     """Same result as grid_lookup_reference, faster on CPU: a dense level with D = 2 or 3 is
     a small image/volume of F channels, so F.grid_sample (bilinear/trilinear, align_corners:
-    vertex 0 at x = 0, vertex res at x = 1) interpolates it with both gradients in one fused
-    op; other levels gather all 2^D corners at once instead of one corner at a time.
-    grid_sample reads x as 2x - 1, rounded: in float32 a coordinate below ~3e-8 lands on -1,
-    the edge, which padding_mode "zeros" reads as the inside of cell 0 ("border" would clip it
-    and lose its gradient; the coordinates are clamped to [0, 1] first, so nothing is ever
-    outside). A coordinate on a cell face may take (2x - 1 rounded) the one-sided derivative
-    of the cell below, where the reference and the kernels take the upper cell's."""
+    vertex 0 at -1, vertex res at +1) interpolates it with both gradients in one fused op;
+    other levels gather all 2^D corners at once instead of one corner at a time.
+    With c / res placement grid_sample reads x as 2x - 1, rounded: in float32 a coordinate
+    below ~3e-8 lands on -1, the edge, which padding_mode "zeros" reads as the inside of cell
+    0 ("border" would clip it and lose its gradient; the coordinates are clamped to [0, 1]
+    first, so nothing is ever outside). A coordinate on a cell face may take (rounded) the
+    one-sided derivative of the cell below, where the reference and the kernels take the
+    upper cell's."""
     N, G, D = coords.shape
     Fe = spec.features
     x = clamp_coords(coords)
     out = []
     for l in range(spec.levels):
-        r, off = spec.resolutions[l], spec.offsets[l]
+        r, off, scale = spec.resolutions[l], spec.offsets[l], spec.scales[l]
         if spec.dense[l] and D in (2, 3):
             n = (r + 1) ** D
             vol = tables[:, off:off + n].reshape(G, *([r + 1] * D), Fe)  # (G, [c_{D-1}..c_0], F)
             vol = vol.movedim(-1, 1)                                    # (G, F, [c_{D-1}..c_0])
-            grid = (2 * x - 1).transpose(0, 1).reshape(G, *([1] * (D - 1)), N, D)  # (G, 1.., N, D)
+            # vertex units pos = x * scale + shift -> [-1, 1]; c / res is exactly 2x - 1
+            u = (x * scale + spec.shift) * (2 / r) - 1 if spec.staggered else 2 * x - 1
+            grid = u.transpose(0, 1).reshape(G, *([1] * (D - 1)), N, D)  # (G, 1.., N, D)
             y = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
             out.append(y.reshape(G, Fe, N).permute(2, 0, 1))            # (N, G, F)
             continue
@@ -276,9 +297,11 @@ def clamp_coords_tl(x):
 
 
 @triton.jit
-def cell_and_frac_tl(x, res):
-    pos = x * res
-    cell = tl.minimum(tl.floor(pos), res - 1)  # x = 1 belongs to the last cell
+def cell_and_frac_tl(x, scale, res, STAGGERED: tl.constexpr):
+    pos = x * scale
+    if STAGGERED:  # a constexpr: the c / res kernel is compiled without the add
+        pos += 0.5
+    cell = tl.minimum(tl.floor(pos), res - 1)  # c / res: x = 1 belongs to the last cell
     return cell.to(tl.int32), pos - cell
 
 
@@ -317,9 +340,9 @@ def corner_weight_tl(t, corner: tl.constexpr, D: tl.constexpr, skip: tl.constexp
 
 
 @triton.jit
-def _program_setup(coords_ptr, res_ptr, offset_ptr, dense_ptr, N, G, num_entries,
+def _program_setup(coords_ptr, res_ptr, scale_ptr, offset_ptr, dense_ptr, N, G, num_entries,
                    D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                   LEVELS_INNER: tl.constexpr, IDX64: tl.constexpr):
+                   LEVELS_INNER: tl.constexpr, IDX64: tl.constexpr, STAGGERED: tl.constexpr):
     """What the forward and the backward kernels share: which points, group and level this
     program handles, the level's geometry, and each point's cell, fraction t and gradient
     mask per dimension (tuples of D (BLOCK,) tensors)."""
@@ -332,6 +355,10 @@ def _program_setup(coords_ptr, res_ptr, offset_ptr, dense_ptr, N, G, num_entries
     if IDX64:  # only for tensors with >= 2^31 elements (checked on the host)
         n, g, l = n.to(tl.int64), g.to(tl.int64), l.to(tl.int64)
     res = tl.load(res_ptr + l)
+    if STAGGERED:  # N_l - 1, in ACC's precision (a float32 for fp32, as torch rounds it)
+        scale = tl.load(scale_ptr + l)
+    else:          # the resolution itself
+        scale = res
     dense = tl.load(dense_ptr + l) != 0
     # Offsets and sizes of levels are multiples of 8 entries (GridSpec), so this row is
     # 8*F-element aligned; telling the compiler lets it issue one vector load per corner.
@@ -341,20 +368,20 @@ def _program_setup(coords_ptr, res_ptr, offset_ptr, dense_ptr, N, G, num_entries
     for d in tl.static_range(D):
         x = tl.load(coords_ptr + row * D + d, mask=mask, other=0.0).to(ACC)
         x, ins = clamp_coords_tl(x)
-        c, td = cell_and_frac_tl(x, res)
+        c, td = cell_and_frac_tl(x, scale, res, STAGGERED)
         cell, t, inside = cell + (c,), t + (td,), inside + (ins,)
-    return n, mask, row, l, res, dense, level_row, cell, t, inside
+    return n, mask, row, l, res, scale, dense, level_row, cell, t, inside
 
 
 @triton.jit
-def _grid_fwd_kernel(coords_ptr, tables_ptr, out_ptr, res_ptr, offset_ptr, dense_ptr,
+def _grid_fwd_kernel(coords_ptr, tables_ptr, out_ptr, res_ptr, scale_ptr, offset_ptr, dense_ptr,
                      N, G, L, num_entries, hash_mask,
                      D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                     LEVELS_INNER: tl.constexpr, IDX64: tl.constexpr):
+                     LEVELS_INNER: tl.constexpr, IDX64: tl.constexpr, STAGGERED: tl.constexpr):
     """out[n, g, l*F:(l+1)*F] = sum over corners of weight * tables[g, offset_l + index]."""
-    n, mask, row, l, res, dense, level_row, cell, t, inside = _program_setup(
-        coords_ptr, res_ptr, offset_ptr, dense_ptr, N, G, num_entries,
-        D, F, BLOCK, ACC, LEVELS_INNER, IDX64)
+    n, mask, row, l, res, scale, dense, level_row, cell, t, inside = _program_setup(
+        coords_ptr, res_ptr, scale_ptr, offset_ptr, dense_ptr, N, G, num_entries,
+        D, F, BLOCK, ACC, LEVELS_INNER, IDX64, STAGGERED)
     f = tl.arange(0, F)
     acc = tl.zeros((BLOCK, F), ACC)
     for corner in tl.static_range(2 ** D):
@@ -371,23 +398,23 @@ def _grid_fwd_kernel(coords_ptr, tables_ptr, out_ptr, res_ptr, offset_ptr, dense
 
 @triton.jit
 def _grid_bwd_kernel(coords_ptr, tables_ptr, grad_out_ptr, grad_tables_ptr, grad_coords_ptr,
-                     res_ptr, offset_ptr, dense_ptr, N, G, L, num_entries, hash_mask,
+                     res_ptr, scale_ptr, offset_ptr, dense_ptr, N, G, L, num_entries, hash_mask,
                      D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                     LEVELS_INNER: tl.constexpr, IDX64: tl.constexpr,
+                     LEVELS_INNER: tl.constexpr, IDX64: tl.constexpr, STAGGERED: tl.constexpr,
                      TABLE_GRAD: tl.constexpr, COORD_GRAD: tl.constexpr,
                      COORD_ATOMIC: tl.constexpr):
     """Both gradients of one (point block, group, level), recomputing the forward's corners.
     tables: scatter-add w_corner * grad_out into each corner's entry (relaxed fp32 atomics:
       no ordering is needed, only the sum, and the default acq_rel semantics would add a
       memory barrier per add on Hopper). Not deterministic: fp32 sums in arbitrary order.
-    coords: d out/d x_d = res * sum_corners (+1 if bit d else -1) * prod_{e!=d} w_e
+    coords: d out/d x_d = scale * sum_corners (+1 if bit d else -1) * prod_{e!=d} w_e
       * <entry, grad_out>, zero where the clamp is active (x <= 0, x >= 1 or NaN).
       Summed over levels, which live in different programs: either atomic adds into
       (N, G, D) (COORD_ATOMIC; L adds per value, spread out in time, so little contention)
       or one (L, N, G, D) slice per level summed afterwards (deterministic, L x the bytes)."""
-    n, mask, row, l, res, dense, level_row, cell, t, inside = _program_setup(
-        coords_ptr, res_ptr, offset_ptr, dense_ptr, N, G, num_entries,
-        D, F, BLOCK, ACC, LEVELS_INNER, IDX64)
+    n, mask, row, l, res, scale, dense, level_row, cell, t, inside = _program_setup(
+        coords_ptr, res_ptr, scale_ptr, offset_ptr, dense_ptr, N, G, num_entries,
+        D, F, BLOCK, ACC, LEVELS_INNER, IDX64, STAGGERED)
     f = tl.arange(0, F)
     go = tl.load(grad_out_ptr + row[:, None] * (L * F) + l * F + f[None, :],
                  mask=mask[:, None], other=0.0).to(ACC)
@@ -413,7 +440,7 @@ def _grid_bwd_kernel(coords_ptr, tables_ptr, grad_out_ptr, grad_tables_ptr, grad
                     gd += dw * dots[corner]
                 else:
                     gd -= dw * dots[corner]
-            gd = tl.where(inside[d], gd * res, 0.0)
+            gd = tl.where(inside[d], gd * scale, 0.0)
             if COORD_ATOMIC:
                 tl.atomic_add(grad_coords_ptr + row * D + d, gd, mask=mask, sem="relaxed")
             else:
@@ -444,14 +471,16 @@ def triton_unfit(spec):
     return None
 
 
-def _level_meta(spec, device):
-    """Per-level (resolution, offset, dense) as int32 tensors on the device, cached; the
-    offsets int64 where a group's table has 2^31 entries or more (8 GB of fp32 at F = 1)."""
+def _level_meta(spec, device, dtype):
+    """Per-level (resolution, scale, offset, dense) as tensors on the device, cached: int32,
+    the scales in the lookup's dtype, the offsets int64 where a group's table has 2^31
+    entries or more (8 GB of fp32 at F = 1)."""
     wide = spec.num_entries >= _INT32_LIMIT
-    key = (spec, str(device), wide)
+    key = (spec, str(device), dtype, wide)
     if key not in _META_CACHE:
         i32 = dict(dtype=torch.int32, device=device)
         _META_CACHE[key] = (torch.tensor(spec.resolutions, **i32),
+                            torch.tensor(spec.scales, dtype=dtype, device=device),
                             torch.tensor(spec.offsets, dtype=torch.int64 if wide else torch.int32, device=device),
                             torch.tensor([int(d) for d in spec.dense], **i32))
     return _META_CACHE[key]
@@ -476,11 +505,11 @@ def _launch_args(coords, tables, spec, block):
     levels_inner = LEVELS_INNER and nblocks < 65536  # grid axes 1 and 2 stop at 65535
     grid = (L, nblocks, G) if levels_inner else (nblocks, G, L)
     acc = tl.float64 if torch.float64 in (coords.dtype, tables.dtype) else tl.float32
-    res, off, dense = _level_meta(spec, coords.device)
     common = dict(N=N, G=G, L=L, num_entries=spec.num_entries, hash_mask=spec.table_size - 1,
                   D=D, F=Fe, BLOCK=block, ACC=acc, LEVELS_INNER=levels_inner, IDX64=idx64,
+                  STAGGERED=spec.staggered,
                   num_warps=NUM_WARPS)
-    return grid, (res, off, dense), common
+    return grid, _level_meta(spec, coords.device, torch.float64 if acc == tl.float64 else torch.float32), common
 
 
 class _GridLookupTriton(torch.autograd.Function):
@@ -568,10 +597,10 @@ def _benchmark():
     global LEVELS_INNER, COORD_GRAD_ATOMIC, BLOCK_POINTS
 
     # (name, images, pixels per side, groups, spec); 'tiny' is the tiny training preset's batch
-    # (8 images, a 16x16 feature map, 4 groups), 'paper' is BRIGHT's grid: D = 3, L = 16,
-    # F = 4, T = 2^18, res 16 -> 64, 16 groups, a 64x64 feature map
+    # (8 images, a 16x16 feature map, 4 groups), 'paper' is BRIGHT's grid as the paper presets
+    # build it: D = 3, L = 16, F = 4, T = 2^18, res 16 -> 64, staggered, 16 groups, a 64x64 feature map
     configs = [("tiny", 8, 16, 4, GridSpec(3, 8, 2, 14, 8, 32)),
-               ("paper", 16, 64, 16, GridSpec(3, 16, 4, 18, 16, 64))]
+               ("paper", 16, 64, 16, GridSpec(3, 16, 4, 18, 16, 64, staggered=True))]
     if cuda:
         name = torch.cuda.get_device_name()
         # device-to-device copy of 1 GiB: the bandwidth a streaming kernel can reach
@@ -618,7 +647,8 @@ def _benchmark():
         print(f"\n[{cname}] N = {N} points ({images} x {side}x{side}), G = {G}, D = {D}, "
               f"L = {L}, F = {Fe}, T = 2^{spec.log2_table_size}, res "
               f"{spec.resolutions[0]}->{spec.resolutions[-1]}, "
-              f"{sum(spec.dense)}/{L} levels dense; {lookups / 1e6:.1f} M point-levels per pass "
+              f"{sum(spec.dense)}/{L} levels dense{', staggered' if spec.staggered else ''}; "
+              f"{lookups / 1e6:.1f} M point-levels per pass "
               f"(N*G*L)")
         if cuda and args.check:  # max |triton - reference| relative to max |reference|
             res = []
