@@ -199,7 +199,8 @@ class Config:
     max_res: int = 32
     # vertex placement: False puts vertex c of a level at c / res (x = 0 and 1 are vertices);
     # True is Instant-NGP's and torch-ngp's pos = x * (N_l - 1) + 0.5, levels staggered by
-    # half a cell: the grid BRIGHT used, so the paper's presets take it (hashgrid_triton.py)
+    # half a cell: the grid BRIGHT used, so the paper's presets take it (hashgrid_triton.py).
+    # False by default: a checkpoint whose config lacks the field was trained with c / res
     staggered: bool = False
     feat_size: int = 16             # H_d = W_d of the feature map f
     c_d: int = 64                   # C_d channels of f

@@ -24,8 +24,8 @@ Level l has resolution res_l (geometric from min_res to max_res, as in Instant-N
       is allocated (torch-ngp's sizes) but never reached.
 Both are pos = x * scale_l + shift (spec.scales, spec.shift). A level whose vertices fit in
 T = 2^t entries is dense (row-major, dimension 0 fastest); a larger one is hashed: XOR of
-c_d * prime_d, mod T, in uint32 arithmetic. Each level's size is rounded up to a multiple of 8 entries so that
-every level starts 32-byte aligned (vector loads in the kernels).
+c_d * prime_d, mod T, in uint32 arithmetic. Each level's size is rounded up to a multiple of
+8 entries so that every level starts 32-byte aligned (vector loads in the kernels).
 
 Multilinear interpolation over the 2^D corners of the cell holding x:
     pos = x * scale + shift, cell = min(floor(pos), res - 1), t = pos - cell  (t in [0, 1])
@@ -41,8 +41,8 @@ they mirror, plus "_tl")
 Launch grid (L, ceil(N / BLOCK), G): one program = BLOCK points x one group x one level, so
 a single launch covers every level and group. Per-level resolution, row offset and dense flag
 come from three small int32 tensors, a staggered grid's scale from one in the lookup's
-precision (the placement is a compile-time constant);
-dense vs. hashed is chosen at run time per program.
+precision (the placement is a compile-time constant); dense vs. hashed is chosen at run time
+per program.
 Each corner's F features are one (BLOCK, F) tile load: F contiguous floats per point, a single
 64- or 128-bit load (levels start at multiples of 8 entries, and the kernel says so).
   forward   out[n, g, l*F:(l+1)*F] = sum_corners w * entry, accumulated in fp32 (fp64 inputs:

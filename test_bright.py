@@ -135,9 +135,9 @@ def test_continuity_across_cell_faces(case, which):
     l, d = which % spec.levels, which % spec.dim
     # the faces pos = x * scale + shift = k of level l's cells 0..res-1 that lie inside (0, 1)
     # (staggered, the last one may lie past 1, and a level of scale 0 has none)
-    faces = [x for k in range(1, spec.resolutions[l]) if spec.scales[l] > 0
-             and 0 < (x := (k - spec.shift) / spec.scales[l]) < 1]
-    coords[:, :, d] = torch.tensor(faces or [0.5], dtype=torch.float64)[torch.randint(len(faces or [0]), coords.shape[:2])]
+    faces = torch.tensor([x for k in range(1, spec.resolutions[l]) if spec.scales[l] > 0
+                          and 0 < (x := (k - spec.shift) / spec.scales[l]) < 1] or [0.5], dtype=torch.float64)
+    coords[:, :, d] = faces[torch.randint(len(faces), coords.shape[:2])]
     delta = 1e-7
     lo, hi = coords.clone(), coords.clone()
     lo[:, :, d] -= delta
@@ -1636,6 +1636,19 @@ def micro_checkpoint(cfg, path, seed=0):
     torch.save({"kind": "bright", "config": dataclasses.asdict(cfg), "step": 3, "seconds": 1.0, "model": m.state_dict(),
                 "ema": m.state_dict()}, path)
     return m
+
+
+def test_a_checkpoint_without_the_placement_field_reads_as_c_over_res(micro, tmp_path):
+    # checkpoints written before the config had `staggered` were trained with vertices at
+    # c / res: they must load so (decoding with the staggered grid would silently differ)
+    m = micro_checkpoint(micro, tmp_path / "bright.pt")
+    ckpt = torch.load(tmp_path / "bright.pt", weights_only=True)
+    del ckpt["config"]["staggered"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, cfg, _ = bright.load_checkpoint(str(tmp_path / "old.pt"))
+    assert cfg.staggered is False and cfg == micro
+    z = torch.rand(2, 4, 4, 4)
+    assert torch.equal(old.decode(z), m.decode(z))
 
 
 def test_reconstruct_puts_the_originals_above_their_reconstructions(micro, data16, tmp_path):
