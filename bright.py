@@ -632,10 +632,7 @@ def table_usage(model, codes):
                 used[l][g, idx[:, g][w[:, g] > 0]] = True
     per_level = []
     for l, u in enumerate(used):
-        # vertices 0..top per dimension: top = res with c / res; staggered, pos <= N_l - 0.5
-        # reaches vertex floor(N_l - 0.5) + 1, which is res - 1 when N_l < res - 0.5
-        top = min(spec.resolutions[l], math.floor(spec.scales[l] + spec.shift) + 1)
-        n = (top + 1) ** spec.dim if spec.dense[l] else spec.sizes[l]
+        n = (spec.reach(l) + 1) ** spec.dim if spec.dense[l] else spec.sizes[l]
         per_level.append((u.sum().item(), G * n))  # only reachable entries are ever marked
     return ([a / b for a, b in per_level], sum(a for a, _ in per_level) / sum(b for _, b in per_level))
 

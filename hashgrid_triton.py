@@ -125,6 +125,11 @@ class GridSpec:
     def shift(self):
         return 0.5 if self.staggered else 0.0
 
+    def reach(self, l):
+        """vertices 0..reach(l) per dimension are the ones level l's queries can touch: res with
+        c / res; staggered, pos <= N_l - 0.5 reaches floor(N_l - 0.5) + 1, res - 1 when N_l < res - 0.5"""
+        return min(self.resolutions[l], math.floor(self.scales[l] + self.shift) + 1)
+
 
 def corner_index(c, spec, l):
     """Entry index (within level l) of integer vertices c (..., D) -> (...)."""
