@@ -104,10 +104,11 @@ class GridSpec:
         res, scales, dense, sizes, offsets, total = [], [], [], [], [], 0
         for l in range(self.levels):
             # -1e-9: 16 * 4^(15/15) must give 64, not 65, despite float rounding
-            r = max(1, math.ceil(self.min_res * math.exp(growth * l) - 1e-9))
+            n_l = self.min_res * math.exp(growth * l)  # N_l, unrounded
+            r = max(1, math.ceil(n_l - 1e-9))
             # staggered: pos = x * (N_l - 1) + 0.5 runs from 0.5 to N_l - 0.5 <= r - 0.5, so its
             # cells are 0..r-1 as with c / res (torch-ngp's scale: N_l unrounded, not r)
-            scales.append(self.min_res * math.exp(growth * l) - 1 if self.staggered else float(r))
+            scales.append(n_l - 1 if self.staggered else float(r))
             vertices = (r + 1) ** self.dim
             is_dense = vertices <= T
             n = (vertices + 7) // 8 * 8 if is_dense else T
@@ -491,6 +492,11 @@ def _level_meta(spec, device, dtype):
     return _META_CACHE[key]
 
 
+def _acc_dtype(coords, tables):
+    """the kernels' accumulation dtype: float64 if either input is, else float32"""
+    return torch.float64 if torch.float64 in (coords.dtype, tables.dtype) else torch.float32
+
+
 def _launch_args(coords, tables, spec, block):
     N, G, D = coords.shape
     L, Fe = spec.levels, spec.features
@@ -509,12 +515,11 @@ def _launch_args(coords, tables, spec, block):
     nblocks = triton.cdiv(N, block)
     levels_inner = LEVELS_INNER and nblocks < 65536  # grid axes 1 and 2 stop at 65535
     grid = (L, nblocks, G) if levels_inner else (nblocks, G, L)
-    acc = tl.float64 if torch.float64 in (coords.dtype, tables.dtype) else tl.float32
+    acc = _acc_dtype(coords, tables)
     common = dict(N=N, G=G, L=L, num_entries=spec.num_entries, hash_mask=spec.table_size - 1,
-                  D=D, F=Fe, BLOCK=block, ACC=acc, LEVELS_INNER=levels_inner, IDX64=idx64,
-                  STAGGERED=spec.staggered,
-                  num_warps=NUM_WARPS)
-    return grid, _level_meta(spec, coords.device, torch.float64 if acc == tl.float64 else torch.float32), common
+                  D=D, F=Fe, BLOCK=block, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                  LEVELS_INNER=levels_inner, IDX64=idx64, STAGGERED=spec.staggered, num_warps=NUM_WARPS)
+    return grid, _level_meta(spec, coords.device, acc), common
 
 
 class _GridLookupTriton(torch.autograd.Function):
@@ -537,7 +542,7 @@ class _GridLookupTriton(torch.autograd.Function):
         spec, (N, G, D), L = ctx.spec, coords.shape, ctx.spec.levels
         need_coords, need_tables = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grid, meta, common = _launch_args(coords, tables, spec, ctx.block)
-        acc = torch.float64 if common["ACC"] == tl.float64 else torch.float32
+        acc = _acc_dtype(coords, tables)
         grad_tables = torch.zeros(tables.shape, device=tables.device, dtype=acc) \
             if need_tables else tables  # a dummy pointer when unused
         if need_coords and COORD_GRAD_ATOMIC:
